@@ -1,0 +1,194 @@
+"""MNIST as tensors: fetch the canonical files, verify them, read them, normalise and split.
+
+Plain PyTorch (and torchvision's MNIST machinery for the download); no Dagster here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torchvision.datasets import MNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+
+#: The public mirrors torchvision downloads from, tried in order.
+DEFAULT_MIRRORS: tuple[str, ...] = tuple(MNIST.mirrors)
+#: The four canonical files and their md5s, as torchvision lists them.
+MNIST_FILES: dict[str, str] = dict(MNIST.resources)
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+
+class MnistSourceError(RuntimeError):
+    """No source delivered the four MNIST files intact."""
+
+
+class LabelledBatchError(ValueError):
+    """A landed batch of labelled images is not usable training data."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    source: str
+    md5s: dict[str, str]
+
+
+@dataclass(frozen=True)
+class NormalisedSplit:
+    """Float images (N, 1, 28, 28), normalised with the training split's mean and std."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: float
+    std: float
+
+
+def parse_sources(value: str | None) -> list[str]:
+    """`MNIST_MIRRORS` syntax: comma-separated base URLs or local directories; empty means the public mirrors."""
+    sources = [part.strip() for part in (value or "").split(",") if part.strip()]
+    return sources or list(DEFAULT_MIRRORS)
+
+
+def fetch_mnist(sources: Sequence[str], dest: Path) -> FetchResult:
+    """Put the four verified `.gz` files in `dest`, trying each source in turn.
+
+    A file already in `dest` with the right md5 is kept; a corrupt or partial download never
+    lands there (it is written to a temporary folder and moved in only once verified).
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    for source in sources:
+        try:
+            for filename, md5 in MNIST_FILES.items():
+                _fetch_verified(source, filename, md5, dest)
+            return FetchResult(source=source, md5s=dict(MNIST_FILES))
+        except Exception as error:  # noqa: BLE001 - every failure is reported below, per source
+            failures.append(f"  - {source}: {error}")
+    raise MnistSourceError(
+        "Could not fetch MNIST from any source:\n"
+        + "\n".join(failures)
+        + "\nSet MNIST_MIRRORS to a comma-separated list of base URLs or local directories that hold "
+        + ", ".join(MNIST_FILES)
+    )
+
+
+def _fetch_verified(source: str, filename: str, md5: str, dest: Path) -> None:
+    target = dest / filename
+    if check_integrity(str(target), md5):
+        return
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".partial-") as tmp:
+        partial = Path(tmp) / filename
+        if _is_url(source):
+            download_url(f"{source.rstrip('/')}/{filename}", root=tmp, filename=filename)
+        else:
+            shutil.copyfile(Path(source).expanduser() / filename, partial)
+        if not check_integrity(str(partial), md5):
+            raise ValueError(f"{filename} failed its md5 check (expected {md5}): corrupt or partial download")
+        os.replace(partial, target)
+
+
+def _is_url(source: str) -> bool:
+    return urlparse(source).scheme in {"http", "https", "ftp", "file"}
+
+
+def read_mnist(folder: Path) -> dict[str, torch.Tensor]:
+    """The four verified files as uint8 images (N, 28, 28) and int64 labels (N,)."""
+    tensors = {}
+    for filename in MNIST_FILES:
+        raw = folder / filename.removesuffix(".gz")
+        if not raw.exists():
+            extract_archive(str(folder / filename), str(folder))
+        reader = read_image_file if "images" in filename else read_label_file
+        split = "train" if filename.startswith("train") else "test"
+        kind = "images" if "images" in filename else "labels"
+        tensors[f"{split}_{kind}"] = reader(str(raw)).clone()
+    tensors["train_labels"] = tensors["train_labels"].long()
+    tensors["test_labels"] = tensors["test_labels"].long()
+    return tensors
+
+
+def read_labelled_batch(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """A landed `.npz` with `images` (uint8, N x 28 x 28) and `labels` (integers 0-9), validated."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"]
+    except KeyError as error:
+        raise LabelledBatchError(f"missing array {error}; expected 'images' and 'labels'") from error
+    except Exception as error:  # noqa: BLE001 - numpy raises many kinds for a bad file
+        raise LabelledBatchError(f"not a readable .npz file ({error})") from error
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise LabelledBatchError(f"images must be uint8 N x 28 x 28, got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise LabelledBatchError(f"labels must be N integers for N={len(images)} images, got {labels.dtype} {labels.shape}")
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise LabelledBatchError("labels must be a non-empty array of digits 0-9")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def content_hash(*parts: bytes | str) -> str:
+    """A short stable hash, used as the data version of what was read."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.hexdigest()[:16]
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation indices with each digit in the same proportion in both; seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for digit in range(NUM_CLASSES):
+        indices = torch.nonzero(labels == digit).flatten()
+        indices = indices[torch.randperm(len(indices), generator=generator)]
+        n_val = round(len(indices) * val_fraction)
+        val_parts.append(indices[:n_val])
+        train_parts.append(indices[n_val:])
+    train = torch.cat(train_parts)
+    val = torch.cat(val_parts)
+    return train[torch.randperm(len(train), generator=generator)], val.sort().values
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def normalise_and_split(raw: dict[str, torch.Tensor], val_fraction: float, seed: int) -> NormalisedSplit:
+    """Scale to [0, 1], split the training images, and standardise with the training split's statistics."""
+    train_idx, val_idx = stratified_split(raw["train_labels"], val_fraction, seed)
+    images = to_unit_float(raw["train_images"])
+    train_images = images[train_idx]
+    mean, std = train_images.mean().item(), train_images.std().item()
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(mean).div_(std)
+
+    return NormalisedSplit(
+        train_images=standardise(train_images),
+        train_labels=raw["train_labels"][train_idx],
+        val_images=standardise(images[val_idx]),
+        val_labels=raw["train_labels"][val_idx],
+        test_images=standardise(to_unit_float(raw["test_images"])),
+        test_labels=raw["test_labels"].clone(),
+        mean=mean,
+        std=std,
+    )
+
+
+def class_counts(labels: torch.Tensor) -> list[int]:
+    return torch.bincount(labels, minlength=NUM_CLASSES).tolist()

@@ -1,0 +1,69 @@
+"""Small PNG figures for the Dagster UI and MLflow: training curves, confusion matrix, digit grids.
+
+Each function returns PNG bytes, kept well under 100 KB so they embed in metadata.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render straight to PNG
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+DPI = 80
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def training_curve_png(train_loss: Sequence[float], val_accuracy: Sequence[float]) -> bytes:
+    epochs = range(1, len(train_loss) + 1)
+    figure, loss_axis = plt.subplots(figsize=(5, 3))
+    loss_axis.plot(epochs, train_loss, "o-", color="tab:blue", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(epochs, [100 * a for a in val_accuracy], "s-", color="tab:green", label="val accuracy")
+    accuracy_axis.set_ylabel("validation accuracy (%)", color="tab:green")
+    loss_axis.set_xticks(list(epochs))
+    loss_axis.set_title("Training curve")
+    return _png(figure)
+
+
+def confusion_matrix_png(confusion: torch.Tensor) -> bytes:
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    image = axis.imshow(confusion.log1p().numpy(), cmap="Blues")
+    threshold = confusion.log1p().max().item() / 2
+    for true in range(confusion.shape[0]):
+        for predicted in range(confusion.shape[1]):
+            count = int(confusion[true, predicted])
+            colour = "white" if confusion[true, predicted].log1p() > threshold else "black"
+            axis.text(predicted, true, str(count), ha="center", va="center", fontsize=7, color=colour)
+    axis.set_xticks(range(10))
+    axis.set_yticks(range(10))
+    axis.set_xlabel("predicted digit")
+    axis.set_ylabel("true digit")
+    axis.set_title("Confusion matrix (test set)")
+    figure.colorbar(image, ax=axis, fraction=0.046, label="log(1 + count)")
+    return _png(figure)
+
+
+def digit_grid_png(images: torch.Tensor, captions: Sequence[str], columns: int = 8) -> bytes:
+    """Up to a few dozen 28x28 images (any scale) with a caption under each."""
+    count = len(images)
+    rows = max(1, (count + columns - 1) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 1.05), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < count:
+            axis.imshow(images[index].reshape(28, 28).float().numpy(), cmap="gray_r")
+            axis.set_title(captions[index], fontsize=7)
+    return _png(figure)

@@ -1,0 +1,143 @@
+"""Training: in-memory tensors, shuffled mini-batches, AdamW with a one-cycle learning rate.
+
+MNIST fits in memory many times over, so batches are sliced from tensors directly (no DataLoader
+workers to start); on CUDA the data is moved once and mixed precision is used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 3
+    batch_size: int = 128
+    max_lr: float = 0.01
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    max_shift: int = 0  # random translation of up to this many pixels (augmentation; 0 = off)
+    seed: int = 0
+    device: str = "cpu"
+    mixed_precision: bool = True  # used on CUDA only; CPU always trains in float32
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    learning_rate: float
+    seconds: float
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is an error, not a silent fallback."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("MNIST_DEVICE=cuda but no CUDA device is available")
+    if requested not in {"cpu", "cuda"}:
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    return requested
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def train(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    settings: TrainSettings,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> list[EpochStats]:
+    """Train `model` in place and return one `EpochStats` per epoch."""
+    device = torch.device(settings.device)
+    use_amp = settings.mixed_precision and device.type == "cuda"
+    model.to(device)
+    x, y = _to_device(train_images, device), _to_device(train_labels, device)
+    steps_per_epoch = (len(x) + settings.batch_size - 1) // settings.batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.max_lr, epochs=settings.epochs, steps_per_epoch=steps_per_epoch
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    history: list[EpochStats] = []
+    for epoch in range(1, settings.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(x), generator=generator).to(device)
+        total_loss = torch.zeros((), device=device)
+        for start in range(0, len(x), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                inputs = random_shift(x[batch], settings.max_shift, generator) if settings.max_shift else x[batch]
+                loss = F.cross_entropy(model(inputs), y[batch], label_smoothing=settings.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.detach() * len(batch)
+        stats = EpochStats(
+            epoch=epoch,
+            train_loss=total_loss.item() / len(x),
+            val_accuracy=accuracy(model, val_images, val_labels, device=settings.device),
+            learning_rate=schedule.get_last_lr()[0],
+            seconds=time.perf_counter() - started,
+        )
+        history.append(stats)
+        if on_epoch:
+            on_epoch(stats)
+    return history
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by a random whole number of pixels in [-max_shift, max_shift], zero-filled."""
+    n, _, height, width = images.shape
+    shifts = torch.randint(-max_shift, max_shift + 1, (2, n), generator=generator).to(images.device)
+    rows = (torch.arange(height, device=images.device).view(1, height) - shifts[0].view(n, 1)).clamp_(-1, height)
+    cols = (torch.arange(width, device=images.device).view(1, width) - shifts[1].view(n, 1)).clamp_(-1, width)
+    background = images.amin(dim=(1, 2, 3), keepdim=True)
+    padded = torch.cat([images, background.expand(n, 1, height, 1)], dim=3)
+    padded = torch.cat([padded, background.expand(n, 1, 1, width + 1)], dim=2)
+    rows = torch.where((rows < 0) | (rows >= height), height, rows)
+    cols = torch.where((cols < 0) | (cols >= width), width, cols)
+    return padded[torch.arange(n, device=images.device).view(n, 1, 1), 0, rows.view(n, height, 1), cols.view(n, 1, width)].unsqueeze(1)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: str = "cpu", batch_size: int = 2048) -> torch.Tensor:
+    """Logits for every image, in eval mode, returned on the CPU."""
+    model.eval()
+    target = torch.device(device)
+    use_amp = target.type == "cuda"
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = _to_device(images[start : start + batch_size], target)
+        with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
+            outputs.append(model(batch).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str = "cpu") -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return (predict_logits(model, images, device).argmax(1) == labels).float().mean().item()
