@@ -32,7 +32,7 @@ def raw_mnist_data(context: dg.AssetExecutionContext, mnist_source: MnistSource,
     from mnist_dagster.ml import data
 
     folder = storage.scratch_dir("mnist")
-    fetched = data.fetch_mnist(mnist_source.sources(), folder)
+    fetched = data.fetch_mnist(mnist_source.sources(), folder, mnist_source.checksums())
     tensors = data.read_mnist(folder)
     landed, rejected = _read_landed_batches(storage, context)
     if landed:

@@ -91,11 +91,11 @@ def digit_classifier(
         mlflow_lib.log_metric("training_seconds", training_seconds)
         mlflow_lib.log_image(_png_image(curve), "training_curve.png")
         mlflow_lib.log_dict(checkpoint["config"], "architecture.json")
-        _log_onnx_model(checkpoint)
+        model_uri = _log_onnx_model(checkpoint)
         run_id = run.info.run_id
 
     return dg.Output(
-        {**checkpoint, "mlflow_run_id": run_id, "val_accuracy": history[-1].val_accuracy},
+        {**checkpoint, "mlflow_run_id": run_id, "mlflow_model_uri": model_uri, "val_accuracy": history[-1].val_accuracy},
         metadata={
             "val_accuracy": history[-1].val_accuracy,
             "epochs": config.epochs,
@@ -119,8 +119,8 @@ def _png_image(png: bytes):
     return Image.open(io.BytesIO(png))
 
 
-def _log_onnx_model(checkpoint: dict) -> None:
-    """The deployable model in the active MLflow run: ONNX (pickle-free) plus the raw checkpoint."""
+def _log_onnx_model(checkpoint: dict) -> str:
+    """The deployable model in the active MLflow run: ONNX (pickle-free) plus the raw checkpoint; returns its URI."""
     import tempfile
     from pathlib import Path
 
@@ -132,7 +132,7 @@ def _log_onnx_model(checkpoint: dict) -> None:
     from mnist_dagster.ml.model import checkpoint_to_bytes, export_onnx
 
     example = np.zeros((1, 1, 28, 28), np.float32)
-    mlflow.onnx.log_model(
+    info = mlflow.onnx.log_model(
         onnx.load_from_string(export_onnx(checkpoint)),
         name="model",
         signature=infer_signature(example, np.full((1, 10), 0.1, np.float32)),
@@ -142,6 +142,7 @@ def _log_onnx_model(checkpoint: dict) -> None:
         path = Path(folder) / "checkpoint.pt"
         path.write_bytes(checkpoint_to_bytes(checkpoint))
         mlflow.log_artifact(str(path))
+    return info.model_uri
 
 
 @dg.asset(
@@ -237,7 +238,7 @@ def production_digit_classifier(
             metadata={**common, "deployed": False, "reason": reason, "model_version": previous or "none"},
             data_version=dg.DataVersion(previous or "none"),
         )
-    version = mlflow.register_version(f"runs:/{run_id}/model", run_id)
+    version = mlflow.register_version(digit_classifier["mlflow_model_uri"], run_id)
     candidate = bundle.make_bundle(
         version, export_onnx(digit_classifier), test_accuracy=accuracy, mlflow_run_id=run_id, dagster_run_id=context.run_id
     )

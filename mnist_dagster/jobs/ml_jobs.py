@@ -27,3 +27,6 @@ nightly_batch_schedule = dg.ScheduleDefinition(
     execution_timezone=os.getenv("MNIST_SCHEDULE_TIMEZONE", "UTC"),
     default_status=dg.DefaultScheduleStatus.RUNNING,
 )
+
+JOBS = [full_pipeline_job, training_job, batch_inference_job]
+SCHEDULES = [nightly_batch_schedule]

@@ -10,7 +10,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -64,19 +64,20 @@ def parse_sources(value: str | None) -> list[str]:
     return sources or list(DEFAULT_MIRRORS)
 
 
-def fetch_mnist(sources: Sequence[str], dest: Path) -> FetchResult:
+def fetch_mnist(sources: Sequence[str], dest: Path, md5s: Mapping[str, str] = MNIST_FILES) -> FetchResult:
     """Put the four verified `.gz` files in `dest`, trying each source in turn.
 
-    A file already in `dest` with the right md5 is kept; a corrupt or partial download never
-    lands there (it is written to a temporary folder and moved in only once verified).
+    `md5s` defaults to torchvision's list of the canonical files. A file already in `dest` with the
+    right md5 is kept; a corrupt or partial download never lands there (it is written to a temporary
+    folder and moved in only once verified).
     """
     dest.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     for source in sources:
         try:
-            for filename, md5 in MNIST_FILES.items():
+            for filename, md5 in md5s.items():
                 _fetch_verified(source, filename, md5, dest)
-            return FetchResult(source=source, md5s=dict(MNIST_FILES))
+            return FetchResult(source=source, md5s=dict(md5s))
         except Exception as error:  # noqa: BLE001 - every failure is reported below, per source
             failures.append(f"  - {source}: {error}")
     raise MnistSourceError(

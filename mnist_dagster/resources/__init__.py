@@ -75,3 +75,9 @@ def resources_for(deployment: str, env: Mapping[str, str] = os.environ) -> dict[
         base = env.get("S3_PREFIX", "mnist-dagster")
         return prod_resources(env, prefix=f"{base}/branches/{env.get('DAGSTER_CLOUD_DEPLOYMENT_NAME', 'branch')}")
     return prod_resources(env)
+
+
+def executor_for(deployment: str) -> dg.ExecutorDefinition:
+    """dev: every step in the run's own process, so torch, MLflow and the data load once per run;
+    prod: a process per step, so a training step's GPU memory is released when it ends."""
+    return dg.in_process_executor if deployment == "dev" else dg.multiprocess_executor

@@ -7,8 +7,16 @@ class MnistSource(dg.ConfigurableResource):
     """Comma-separated base URLs or local directories that hold the four `.gz` files; empty = public mirrors."""
 
     mirrors: str = ""
+    # Expected md5 per file; None = torchvision's list for the canonical MNIST files. Set it only to
+    # serve another MNIST-format dataset (the tests' generated one, say).
+    md5s: dict[str, str] | None = None
 
     def sources(self) -> list[str]:
         from mnist_dagster.ml.data import parse_sources
 
         return parse_sources(self.mirrors)
+
+    def checksums(self) -> dict[str, str]:
+        from mnist_dagster.ml.data import MNIST_FILES
+
+        return dict(self.md5s or MNIST_FILES)

@@ -1,0 +1,115 @@
+"""Shared fixtures: small generated MNIST-format data, a dev environment in a temp folder, real MNIST.
+
+Everything but the real-data tests runs on generated digits: ten fixed random strokes patterns, one
+per class, with noise and small shifts, written as the four gzipped IDX files a mirror serves.
+"""
+
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from mnist_dagster.ml.data import MNIST_FILES
+from mnist_dagster.resources import dev_resources
+from mnist_dagster.resources.mnist_source import MnistSource
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST_DIR = Path(os.environ.get("MNIST_TEST_DATA", REPO_ROOT.parent / "shared" / "data" / "mnist"))
+
+#: Run config for a fast pipeline on generated data: a tiny CNN, one epoch.
+FAST_RUN_CONFIG = {
+    "ops": {
+        "digit_classifier": {"config": {"channels": [4, 8], "hidden": 16, "epochs": 2, "batch_size": 64, "max_lr": 0.02}},
+        "processed_mnist_data": {"config": {"validation_fraction": 0.1}},
+    }
+}
+
+
+def generated_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` uint8 28x28 images of ten easily separable classes, and their labels."""
+    templates = np.random.default_rng(1234).random((10, 28, 28)) > 0.8  # same classes for every split
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 10
+    rng.shuffle(labels)
+    images = templates[labels] * rng.uniform(150, 255, (count, 1, 1)) + rng.normal(0, 20, (count, 28, 28))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_idx_gz(path: Path, array: np.ndarray) -> None:
+    """The IDX format MNIST uses: magic (type 0x08 = uint8, ndim), big-endian dims, raw bytes."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.GzipFile(path, "wb", mtime=0) as handle:
+        handle.write(header + array.tobytes())
+
+
+def write_mnist_mirror(folder: Path, n_train: int = 1200, n_test: int = 300) -> dict[str, str]:
+    """The four MNIST files with generated content; returns their md5s (what `MnistSource.md5s` expects)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = generated_digits(n_train, seed=1)
+    test_images, test_labels = generated_digits(n_test, seed=2)
+    arrays = {
+        "train-images-idx3-ubyte.gz": train_images,
+        "train-labels-idx1-ubyte.gz": train_labels,
+        "t10k-images-idx3-ubyte.gz": test_images,
+        "t10k-labels-idx1-ubyte.gz": test_labels,
+    }
+    assert set(arrays) == set(MNIST_FILES)
+    for name, array in arrays.items():
+        write_idx_gz(folder / name, array)
+    return {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in arrays}
+
+
+@pytest.fixture(scope="session")
+def fake_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A local directory serving generated MNIST files, and their md5s."""
+    folder = tmp_path_factory.mktemp("fake-mirror")
+    return folder, write_mnist_mirror(folder)
+
+
+@pytest.fixture
+def dev_env(tmp_path, fake_mirror) -> dict[str, str]:
+    """Environment variables for a dev deployment rooted in this test's temp folder."""
+    mirror, _ = fake_mirror
+    return {
+        "DAGSTER_DEPLOYMENT": "dev",
+        "MNIST_DATA_DIR": str(tmp_path / "data"),
+        "MNIST_MIRRORS": str(mirror),
+        "MNIST_DEVICE": "cpu",
+    }
+
+
+@pytest.fixture
+def dev_test_resources(dev_env, fake_mirror) -> dict[str, object]:
+    """Dev resources on the temp folder, with the generated mirror's checksums."""
+    _, md5s = fake_mirror
+    resources = dev_resources(dev_env)
+    resources["mnist_source"] = MnistSource(mirrors=dev_env["MNIST_MIRRORS"], md5s=md5s)
+    return resources
+
+
+@pytest.fixture
+def instance():
+    """A throwaway Dagster instance (temporary DAGSTER_HOME)."""
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture(scope="session")
+def real_mnist_dir() -> Path:
+    """The four canonical MNIST files; tests that need them skip, saying why, where they are absent."""
+    missing = [name for name in MNIST_FILES if not (REAL_MNIST_DIR / name).is_file()]
+    if missing:
+        pytest.skip(f"real MNIST files not found in {REAL_MNIST_DIR} (missing {', '.join(missing)}); set MNIST_TEST_DATA")
+    return REAL_MNIST_DIR
+
+
+def pipeline_assets_and_checks():
+    """Every asset and asset check of the code location, for `dg.materialize`."""
+    from mnist_dagster.definitions import ASSET_MODULES
+
+    return dg.load_assets_from_modules(ASSET_MODULES), dg.load_asset_checks_from_modules(ASSET_MODULES)

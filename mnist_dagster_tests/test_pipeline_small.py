@@ -1,0 +1,73 @@
+"""Every asset materialized on generated data in a temporary DAGSTER_HOME, and the deployment gate."""
+
+import json
+
+import dagster as dg
+import mlflow
+
+from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+from mnist_dagster.serving import bundle
+from mnist_dagster.storage import LocalStore
+from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, pipeline_assets_and_checks
+
+
+def materialize_all(resources, instance, run_config=FAST_RUN_CONFIG):
+    assets, checks = pipeline_assets_and_checks()
+    return dg.materialize([*assets, *checks], resources=resources, instance=instance, run_config=run_config)
+
+
+def with_threshold(threshold: float) -> dict:
+    ops = {**FAST_RUN_CONFIG["ops"], "production_digit_classifier": {"config": {"accuracy_threshold": threshold}}}
+    return {"ops": ops}
+
+
+def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, instance):
+    result = materialize_all(dev_test_resources, instance)
+    assert result.success
+    materialized = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    assert materialized == {
+        "raw_mnist_data",
+        "processed_mnist_data",
+        "digit_classifier",
+        "model_evaluation",
+        "production_digit_classifier",
+        "batch_digit_predictions",
+        "digit_predictions",
+    }
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+
+    evaluation = result.asset_materializations_for_node("model_evaluation")[0].metadata
+    accuracy = evaluation["test_accuracy"].value
+    assert 0.95 < accuracy <= 1.0
+    assert "data:image/png;base64," in evaluation["confusion_matrix"].value
+
+    deployed = result.asset_materializations_for_node("production_digit_classifier")[0].metadata
+    assert deployed["deployed"].value is True
+    version = deployed["model_version"].value
+    store = LocalStore(dev_env["MNIST_DATA_DIR"])
+    assert bundle.current_version(store, PRODUCTION_ROOT) == version
+
+    client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == version
+    run = client.get_run(deployed["mlflow_run_id"].value)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == accuracy
+    assert {"train_loss", "val_accuracy"} <= set(run.data.metrics)
+
+
+def test_gate_keeps_previous_model_when_candidate_is_below_threshold(dev_test_resources, dev_env, instance):
+    assert materialize_all(dev_test_resources, instance).success
+    store = LocalStore(dev_env["MNIST_DATA_DIR"])
+    first = bundle.current_version(store, PRODUCTION_ROOT)
+    pointer_before = store.read_bytes(f"{PRODUCTION_ROOT}/CURRENT.json")
+
+    weak = materialize_all(dev_test_resources, instance, with_threshold(1.01))  # no model can pass
+    assert weak.success
+    metadata = weak.asset_materializations_for_node("production_digit_classifier")[0].metadata
+    assert metadata["deployed"].value is False
+    assert metadata["model_version"].value == first
+    assert "not above the threshold" in metadata["reason"].value
+    assert store.read_bytes(f"{PRODUCTION_ROOT}/CURRENT.json") == pointer_before
+    client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == first
+    assert json.loads(pointer_before)["version"] == first
