@@ -1,0 +1,53 @@
+"""The code location's shape: the asset graph, its checks and automation, and a cheap import."""
+
+import subprocess
+import sys
+
+import dagster as dg
+
+from mnist_dagster.definitions import build_defs
+
+ASSET_GRAPH = {
+    "raw_mnist_data": set(),
+    "processed_mnist_data": {"raw_mnist_data"},
+    "digit_classifier": {"processed_mnist_data"},
+    "model_evaluation": {"digit_classifier", "processed_mnist_data"},
+    "production_digit_classifier": {"digit_classifier", "model_evaluation"},
+    "batch_digit_predictions": {"production_digit_classifier"},
+    "digit_predictions": {"production_digit_classifier"},
+}
+
+
+def _asset_graph(defs: dg.Definitions):
+    return defs.get_repository_def().asset_graph
+
+
+def test_asset_graph_has_the_product_keys_and_edges(tmp_path):
+    graph = _asset_graph(build_defs("dev", {"MNIST_DATA_DIR": str(tmp_path)}))
+    got = {
+        key.to_user_string(): {parent.to_user_string() for parent in graph.get(key).parent_keys}
+        for key in graph.get_all_asset_keys()
+    }
+    assert {key: parents for key, parents in got.items() if key in ASSET_GRAPH} == ASSET_GRAPH
+    assert set(got) >= set(ASSET_GRAPH)
+
+
+def test_processed_data_checks_block_and_training_follows_automatically(tmp_path):
+    defs = build_defs("dev", {"MNIST_DATA_DIR": str(tmp_path)})
+    graph = _asset_graph(defs)
+    specs = list(defs.get_assets_def("processed_mnist_data").check_specs)
+    assert {spec.name for spec in specs} == {"shapes", "label_range", "class_balance", "no_nan"}
+    assert all(spec.blocking for spec in specs)
+    for key in ("processed_mnist_data", "digit_classifier", "model_evaluation", "production_digit_classifier"):
+        assert graph.get(dg.AssetKey(key)).automation_condition is not None, key
+
+
+def test_loading_the_code_location_imports_no_heavy_library():
+    """`dagster dev` loads the definitions in every code server and run: torch and MLflow stay out of that path."""
+    probe = (
+        "import sys, mnist_dagster; mnist_dagster.defs; "
+        "heavy = [m for m in ('torch', 'torchvision', 'mlflow', 'onnx', 'onnxruntime', 'matplotlib', 'pandas') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"heavy modules imported at load: {out}"

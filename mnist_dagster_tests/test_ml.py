@@ -1,0 +1,214 @@
+"""Unit tests of the plain-PyTorch core: fetching, reading, splitting, the model format, training, evaluation."""
+
+import gzip
+import io
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from mnist_dagster.ml import data, evaluate, model, plots, train
+from mnist_dagster_tests.conftest import generated_digits, write_mnist_mirror
+
+
+@pytest.fixture
+def http_mirror(tmp_path):
+    """A real HTTP mirror on 127.0.0.1 serving generated MNIST files; yields (base_url, folder, md5s)."""
+    folder = tmp_path / "served"
+    md5s = write_mnist_mirror(folder, n_train=200, n_test=50)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", folder, md5s
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+def test_fetch_downloads_over_http_and_verifies(http_mirror, tmp_path):
+    url, _, md5s = http_mirror
+    result = data.fetch_mnist([url], tmp_path / "cache", md5s)
+    assert result.source == url
+    tensors = data.read_mnist(tmp_path / "cache")
+    assert tensors["train_images"].shape == (200, 28, 28) and tensors["train_images"].dtype == torch.uint8
+    assert tensors["test_labels"].shape == (50,) and tensors["test_labels"].dtype == torch.int64
+
+
+def test_corrupt_download_is_rejected_and_never_lands(http_mirror, tmp_path):
+    url, folder, md5s = http_mirror
+    corrupt = folder / "train-images-idx3-ubyte.gz"
+    corrupt.write_bytes(corrupt.read_bytes()[:-100])  # a truncated, partial file
+    cache = tmp_path / "cache"
+    with pytest.raises(data.MnistSourceError) as error:
+        data.fetch_mnist([url], cache, md5s)
+    assert "md5" in str(error.value) and url in str(error.value)
+    assert not (cache / "train-images-idx3-ubyte.gz").exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".partial")]
+
+
+def test_falls_back_to_next_source_and_names_every_failure(http_mirror, tmp_path):
+    url, _, md5s = http_mirror
+    dead = "http://127.0.0.1:9"  # discard port: connection refused
+    result = data.fetch_mnist([dead, url], tmp_path / "cache", md5s)
+    assert result.source == url
+    with pytest.raises(data.MnistSourceError) as error:
+        data.fetch_mnist([dead, str(tmp_path / "nowhere")], tmp_path / "other", md5s)
+    message = str(error.value)
+    assert dead in message and str(tmp_path / "nowhere") in message and "MNIST_MIRRORS" in message
+
+
+def test_default_sources_are_torchvisions_public_mirrors():
+    assert data.parse_sources("") == list(data.DEFAULT_MIRRORS)
+    assert data.DEFAULT_MIRRORS[0].startswith("https://") and all("://" in m for m in data.DEFAULT_MIRRORS)
+    assert data.parse_sources(" /a , http://b/ ") == ["/a", "http://b/"]
+    assert data.MNIST_FILES["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+
+
+def test_stratified_split_is_seeded_and_keeps_class_proportions():
+    labels = torch.arange(1000) % 10
+    train_a, val_a = data.stratified_split(labels, 0.1, seed=3)
+    train_b, val_b = data.stratified_split(labels, 0.1, seed=3)
+    assert torch.equal(train_a, train_b) and torch.equal(val_a, val_b)
+    assert data.class_counts(labels[val_a]) == [10] * 10
+    assert len(set(train_a.tolist()) & set(val_a.tolist())) == 0 and len(train_a) + len(val_a) == 1000
+    _, val_c = data.stratified_split(labels, 0.1, seed=4)
+    assert not torch.equal(val_a, val_c)
+
+
+def test_normalise_uses_training_statistics():
+    images, labels = generated_digits(500, seed=0)
+    raw = {
+        "train_images": torch.from_numpy(images),
+        "train_labels": torch.from_numpy(labels).long(),
+        "test_images": torch.from_numpy(images[:50]),
+        "test_labels": torch.from_numpy(labels[:50]).long(),
+    }
+    split = data.normalise_and_split(raw, 0.2, seed=0)
+    assert split.train_images.shape == (400, 1, 28, 28)
+    assert abs(split.train_images.mean().item()) < 1e-4 and abs(split.train_images.std().item() - 1) < 1e-3
+    assert split.test_images.shape == (50, 1, 28, 28)
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_labelled_batch_validation():
+    images, labels = generated_digits(20, seed=5)
+    got_images, got_labels = data.read_labelled_batch(_npz(images=images, labels=labels))
+    assert got_images.shape == (20, 28, 28) and got_labels.dtype == torch.int64
+    bad = {
+        "no labels": _npz(images=images),
+        "float images": _npz(images=images.astype(np.float32), labels=labels),
+        "wrong shape": _npz(images=images[:, :27], labels=labels),
+        "label 10": _npz(images=images, labels=np.full(20, 10)),
+        "length mismatch": _npz(images=images, labels=labels[:5]),
+        "not npz": b"hello",
+    }
+    for name, payload in bad.items():
+        with pytest.raises(data.LabelledBatchError):
+            data.read_labelled_batch(payload)
+        assert name
+
+
+def test_checkpoint_round_trips_with_weights_only_and_refuses_foreign_dicts():
+    config = model.ModelConfig(channels=(4, 8), hidden=16)
+    net = model.build_model(config).eval()
+    checkpoint = model.make_checkpoint(net, config, mean=0.13, std=0.31)
+    restored, norm = model.load_checkpoint(model.checkpoint_from_bytes(model.checkpoint_to_bytes(checkpoint)))
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(net(x), restored(x)) and norm == {"mean": 0.13, "std": 0.31}
+    with pytest.raises(ValueError, match="checkpoint"):
+        model.load_checkpoint({"state_dict": checkpoint["state_dict"]})
+
+
+def test_onnx_export_matches_pytorch_including_normalisation():
+    config = model.ModelConfig(channels=(4, 8), hidden=16)
+    net = model.build_model(config).eval()
+    checkpoint = model.make_checkpoint(net, config, mean=0.13, std=0.31)
+    session = ort.InferenceSession(model.export_onnx(checkpoint), providers=["CPUExecutionProvider"])
+    pixels = torch.rand(5, 1, 28, 28)
+    expected = torch.softmax(net((pixels - 0.13) / 0.31), 1).detach().numpy()
+    (got,) = session.run(None, {"pixels": pixels.numpy()})
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _generated_split(n: int = 1500):
+    images, labels = generated_digits(n, seed=7)
+    raw = {
+        "train_images": torch.from_numpy(images),
+        "train_labels": torch.from_numpy(labels).long(),
+        "test_images": torch.from_numpy(images[:200]),
+        "test_labels": torch.from_numpy(labels[:200]).long(),
+    }
+    return data.normalise_and_split(raw, 0.2, seed=0)
+
+
+def _train_small(split, seed: int) -> tuple[torch.nn.Module, list[train.EpochStats]]:
+    train.seed_everything(seed)
+    net = model.build_model(model.ModelConfig(channels=(4, 8), hidden=16))
+    settings = train.TrainSettings(epochs=2, batch_size=64, max_lr=0.02, seed=seed, max_shift=1)
+    history = train.train(net, split.train_images, split.train_labels, split.val_images, split.val_labels, settings)
+    return net, history
+
+
+def test_training_learns_and_is_deterministic_for_a_seed():
+    split = _generated_split()
+    net_a, history_a = _train_small(split, seed=0)
+    net_b, history_b = _train_small(split, seed=0)
+    assert history_a[-1].train_loss < history_a[0].train_loss
+    assert history_a[-1].val_accuracy > 0.9
+    assert [h.val_accuracy for h in history_a] == [h.val_accuracy for h in history_b]
+    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_random_shift_moves_pixels_without_changing_mass():
+    image = torch.zeros(1, 1, 28, 28)
+    image[0, 0, 10:14, 10:14] = 1.0
+    shifted = train.random_shift(image, 2, torch.Generator().manual_seed(1))
+    assert shifted.shape == image.shape and shifted.sum() == image.sum()
+
+
+def test_resolve_device():
+    assert train.resolve_device("cpu") == "cpu"
+    assert train.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError):
+        train.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="MNIST_DEVICE=cuda"):
+            train.resolve_device("cuda")
+
+
+def test_evaluation_scores_and_confusion_matrix():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 1, 1, 1, 2, 0])
+    confusion = evaluate.confusion_matrix(labels, predictions)
+    assert confusion.sum() == 6 and confusion[0, 1] == 1 and confusion[2, 0] == 1 and confusion[1, 1] == 2
+    precision, recall, f1 = evaluate.per_class_scores(confusion)
+    assert precision[1] == pytest.approx(2 / 3) and recall[0] == pytest.approx(0.5) and f1[2] == pytest.approx(2 / 3)
+
+
+def test_plots_are_small_pngs():
+    curve = plots.training_curve_png([1.0, 0.5, 0.3], [0.9, 0.95, 0.97])
+    matrix = plots.confusion_matrix_png(torch.randint(0, 1000, (10, 10)))
+    grid = plots.digit_grid_png(torch.rand(24, 1, 28, 28), [str(i) for i in range(24)])
+    for png in (curve, matrix, grid):
+        assert png.startswith(b"\x89PNG") and len(png) < 100_000
+
+
+def test_generated_mirror_files_are_valid_idx(tmp_path):
+    md5s = write_mnist_mirror(tmp_path, n_train=30, n_test=10)
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz") as handle:
+        assert int.from_bytes(handle.read(4), "big") == 2051  # the IDX magic for uint8, 3 dims
+    assert set(md5s) == set(data.MNIST_FILES)
