@@ -1,8 +1,10 @@
 """Where bytes live: a local folder in dev, an S3 bucket and prefix in prod, behind one small interface.
 
 Plain Python (boto3 only for S3), so the serving process can read the same store as the pipeline
-without importing Dagster. Dagster resources in `mnist_dagster.resources.storage` open these.
-Every write is atomic: a reader sees the old object or the new one, never half of one.
+without importing Dagster. Dagster resources in `mnist_dagster.resources` open these.
+Every write is atomic: a reader sees the old object or the new one, never half of one. Both stores
+behave alike: a missing key is `FileNotFoundError`, and a misconfigured S3 store fails with a
+`StorageSettingsError` that names the environment variable to fix, not a bare boto3 traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ class StoredObject:
     key: str
     size: int
     version: str  # changes whenever the content may have changed (mtime+size locally, ETag on S3)
+
+
+class StorageSettingsError(RuntimeError):
+    """The store cannot be used as configured (bucket, credentials, endpoint); the message says which setting."""
 
 
 class Store(Protocol):
@@ -84,11 +90,55 @@ class S3Store:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def check_access(self) -> None:
+        """One cheap listing under the prefix, so a wrong bucket, endpoint or credential fails here,
+        with the variable to fix, rather than deep inside a step. Listing is a permission the store
+        needs anyway (`list`)."""
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+        if not self.bucket.strip():
+            raise StorageSettingsError("S3_BUCKET is empty: set it to the bucket that holds this deployment's data")
+        endpoint = getattr(self.client.meta, "endpoint_url", "?")
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
+        except NoCredentialsError as error:
+            raise StorageSettingsError(
+                f"no AWS credentials for S3_BUCKET={self.bucket!r}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE, or give the worker an IAM role)"
+            ) from error
+        except EndpointConnectionError as error:
+            raise StorageSettingsError(
+                f"cannot reach the S3 endpoint {endpoint} (AWS_ENDPOINT_URL / AWS_REGION): {error}"
+            ) from error
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in {"NoSuchBucket", "404"}:
+                raise StorageSettingsError(
+                    f"S3_BUCKET={self.bucket!r} does not exist at {endpoint}: create it or fix S3_BUCKET"
+                ) from error
+            if code in {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}:
+                raise StorageSettingsError(
+                    f"S3 refused access to s3://{self.bucket}/{self.prefix} ({code}): check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (or the role) and that they may list, read and write under S3_PREFIX"
+                ) from error
+            raise StorageSettingsError(f"S3 error on s3://{self.bucket}/{self.prefix} ({code}): {error}") from error
+        except BotoCoreError as error:
+            raise StorageSettingsError(
+                f"S3 client error for S3_BUCKET={self.bucket!r} at {endpoint}: {error}"
+            ) from error
+
     def read_bytes(self, key: str) -> bytes:
-        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                raise FileNotFoundError(self.uri(key)) from error
+            raise
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)  # S3 PUT is atomic
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -117,11 +167,19 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
 
-def open_store(location: str) -> Store:
-    """`s3://bucket/prefix` or a local folder; boto3 reads credentials and AWS_ENDPOINT_URL itself."""
-    if location.startswith("s3://"):
-        import boto3
+def s3_client() -> Any:
+    """A boto3 S3 client from the environment: credentials, `AWS_ENDPOINT_URL` (boto3 reads both) and
+    `AWS_REGION` (botocore itself reads only `AWS_DEFAULT_REGION`)."""
+    import boto3
 
+    return boto3.client("s3", region_name=os.environ.get("AWS_REGION") or None)
+
+
+def open_store(location: str) -> Store:
+    """`s3://bucket/prefix` (checked on open) or a local folder."""
+    if location.startswith("s3://"):
         bucket, _, prefix = location.removeprefix("s3://").partition("/")
-        return S3Store(boto3.client("s3"), bucket, prefix)
+        store = S3Store(s3_client(), bucket, prefix)
+        store.check_access()
+        return store
     return LocalStore(location)

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import dagster as dg
 
-from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA
+from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.storage import StorageResource
@@ -22,7 +22,7 @@ PROCESSED_CHECKS = ["shapes", "label_range", "class_balance", "no_nan"]
     group_name="data",
     kinds={"pytorch"},
     code_version="1",
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+    retry_policy=TRANSIENT_IO_RETRY,  # mirror downloads and S3 reads fail transiently
 )
 def raw_mnist_data(context: dg.AssetExecutionContext, mnist_source: MnistSource, storage: StorageResource) -> dg.Output:
     """The four MNIST files, md5-verified, as uint8 tensors; plus every valid labelled batch landed so far.

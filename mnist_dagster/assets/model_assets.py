@@ -8,13 +8,20 @@ import time
 
 import dagster as dg
 
-from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA
+from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.storage import StorageResource
 
 PRODUCTION_ROOT = "models/production"  # the deployed bundle every prediction path reads
+# Dagster+ Hybrid on Kubernetes (k8s executor): the training step's pod gets one GPU. Ignored elsewhere.
+GPU_TRAINING_POD = {
+    "container_config": {
+        "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+    },
+    "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+}
 
 
 class TrainingConfig(dg.Config):
@@ -31,12 +38,33 @@ class TrainingConfig(dg.Config):
     max_shift: int = 2  # random translation augmentation, in pixels
     seed: int = 0
 
+    def architecture(self):
+        from mnist_dagster.ml.model import ModelConfig
+
+        return ModelConfig(channels=tuple(self.channels), hidden=self.hidden, dropout=self.dropout)
+
+    def settings(self, device: str = "cpu", mixed_precision: bool = True):
+        from mnist_dagster.ml.train import TrainSettings
+
+        return TrainSettings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            max_lr=self.max_lr,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+            max_shift=self.max_shift,
+            seed=self.seed,
+            device=device,
+            mixed_precision=mixed_precision,
+        )
+
 
 @dg.asset(
     group_name="model",
     kinds={"pytorch", "mlflow"},
     code_version="1",
     pool="training",  # one training at a time per GPU/laptop (limit set in dagster.yaml)
+    op_tags={"dagster-k8s/config": GPU_TRAINING_POD},
     automation_condition=RETRAIN_ON_NEW_DATA,
 )
 def digit_classifier(
@@ -54,18 +82,7 @@ def digit_classifier(
 
     data = processed_mnist_data
     device = compute.resolve_device()
-    architecture = cnn.ModelConfig(channels=tuple(config.channels), hidden=config.hidden, dropout=config.dropout)
-    settings = train.TrainSettings(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        max_lr=config.max_lr,
-        weight_decay=config.weight_decay,
-        label_smoothing=config.label_smoothing,
-        max_shift=config.max_shift,
-        seed=config.seed,
-        device=device,
-        mixed_precision=compute.mixed_precision,
-    )
+    architecture, settings = config.architecture(), config.settings(device, compute.mixed_precision)
     train.seed_everything(config.seed)
     model = cnn.build_model(architecture)
 
@@ -208,7 +225,13 @@ class DeploymentConfig(dg.Config):
     accuracy_threshold: float = 0.95  # deploy only if test accuracy is strictly above this
 
 
-@dg.asset(group_name="model", kinds={"onnx", "mlflow"}, code_version="1", automation_condition=RETRAIN_ON_NEW_DATA)
+@dg.asset(
+    group_name="model",
+    kinds={"onnx", "mlflow"},
+    code_version="1",
+    automation_condition=RETRAIN_ON_NEW_DATA,
+    retry_policy=TRANSIENT_IO_RETRY,  # registry and S3 writes; below the gate it succeeds, so never retried
+)
 def production_digit_classifier(
     context: dg.AssetExecutionContext,
     config: DeploymentConfig,

@@ -129,7 +129,7 @@ def read_labelled_batch(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             images, labels = npz["images"], npz["labels"]
     except KeyError as error:
-        raise LabelledBatchError(f"missing array {error}; expected 'images' and 'labels'") from error
+        raise LabelledBatchError(f"missing array: {error.args[0]}; expected 'images' and 'labels'") from error
     except Exception as error:  # noqa: BLE001 - numpy raises many kinds for a bad file
         raise LabelledBatchError(f"not a readable .npz file ({error})") from error
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:

@@ -65,7 +65,7 @@ def train(
 ) -> list[EpochStats]:
     """Train `model` in place and return one `EpochStats` per epoch."""
     device = torch.device(settings.device)
-    use_amp = settings.mixed_precision and device.type == "cuda"
+    use_amp = settings.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     model.to(device)
     x, y = _to_device(train_images, device), _to_device(train_labels, device)
     steps_per_epoch = (len(x) + settings.batch_size - 1) // settings.batch_size
@@ -93,7 +93,7 @@ def train(
         stats = EpochStats(
             epoch=epoch,
             train_loss=total_loss.item() / len(x),
-            val_accuracy=accuracy(model, val_images, val_labels, device=settings.device),
+            val_accuracy=accuracy(model, val_images, val_labels, device=settings.device, mixed_precision=use_amp),
             learning_rate=schedule.get_last_lr()[0],
             seconds=time.perf_counter() - started,
         )
@@ -124,11 +124,16 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: str = "cpu", batch_size: int = 2048) -> torch.Tensor:
-    """Logits for every image, in eval mode, returned on the CPU."""
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, device: str = "cpu", batch_size: int = 2048, mixed_precision: bool = False
+) -> torch.Tensor:
+    """Logits for every image, in eval mode, returned on the CPU.
+
+    float32 by default: the accuracy gate must judge the model as the float32 ONNX graph will serve it.
+    """
     model.eval()
     target = torch.device(device)
-    use_amp = target.type == "cuda"
+    use_amp = mixed_precision and target.type == "cuda"
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = _to_device(images[start : start + batch_size], target)
@@ -137,7 +142,10 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: str = "cpu", 
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str = "cpu") -> float:
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str = "cpu", mixed_precision: bool = False
+) -> float:
     if len(labels) == 0:
         return float("nan")
-    return (predict_logits(model, images, device).argmax(1) == labels).float().mean().item()
+    logits = predict_logits(model, images, device, mixed_precision=mixed_precision)
+    return (logits.argmax(1) == labels).float().mean().item()

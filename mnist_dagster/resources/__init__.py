@@ -1,80 +1,130 @@
 """Resources by environment: the same assets run on a laptop (dev) and in production (prod).
 
-`DAGSTER_DEPLOYMENT` picks the set (`dev` or `prod`); on Dagster+ a full deployment defaults to
-`prod` and a branch deployment to `branch` (prod's S3 and MLflow, its own S3 prefix).
+`DAGSTER_DEPLOYMENT` picks the set: `dev` (the default) or `prod`. On Dagster+, a full deployment
+(`DAGSTER_CLOUD_DEPLOYMENT_NAME` set) defaults to `prod`, and a branch deployment
+(`DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT=1`) always gets `branch`: prod's bucket and MLflow server, but
+its own S3 prefix, experiment and registered model, so a pull request can never overwrite the
+production bundle or move the `production` alias. Any other value is an error at load time.
+
+Only resources differ between the sets; the assets, the IO manager and the file formats are one
+code path (`TensorIOManager` + `Store`), so a model saved in prod loads exactly as one saved in dev.
 """
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 
-from mnist_dagster.resources.compute import ComputeResource
+from mnist_dagster.resources.compute import ComputeResource, check_device
 from mnist_dagster.resources.io_manager import TensorIOManager
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.mnist_source import MnistSource
-from mnist_dagster.resources.storage import LocalStorage, S3Storage, StorageResource
+from mnist_dagster.resources.slack import slack_alerts
+from mnist_dagster.resources.storage import LocalStorage, StorageResource
 
 DEPLOYMENTS = ("dev", "prod", "branch")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_S3_PREFIX = "mnist-dagster"
+MLFLOW_NAME = "mnist-digit-classifier"  # experiment and registered model (prod); branches add a suffix
+CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def deployment_name(env: Mapping[str, str] = os.environ) -> str:
-    """Which resource set to use; an unknown `DAGSTER_DEPLOYMENT` is an error at load time."""
+    """`dev`, `prod` or `branch`, from `DAGSTER_DEPLOYMENT` and the variables Dagster+ sets."""
     explicit = env.get("DAGSTER_DEPLOYMENT", "").strip()
-    if explicit:
-        if explicit not in DEPLOYMENTS:
-            raise ValueError(f"DAGSTER_DEPLOYMENT={explicit!r} is not one of {', '.join(DEPLOYMENTS)}")
+    if explicit and explicit not in DEPLOYMENTS:
+        raise ValueError(f"DAGSTER_DEPLOYMENT={explicit!r} is not one of {', '.join(DEPLOYMENTS)} (unset means dev)")
+    in_branch = env.get("DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT", "").strip() == "1"
+    if explicit in {"dev", "branch"}:
         return explicit
-    if env.get("DAGSTER_CLOUD_DEPLOYMENT_NAME"):
-        return "branch" if env.get("DAGSTER_CLOUD_IS_BRANCH_DEPLOYMENT") == "1" else "prod"
+    if explicit == "prod" or env.get("DAGSTER_CLOUD_DEPLOYMENT_NAME") or in_branch:
+        return "branch" if in_branch else "prod"
     return "dev"
 
 
 def data_dir(env: Mapping[str, str] = os.environ) -> Path:
-    return Path(env.get("MNIST_DATA_DIR") or REPO_ROOT / "data").expanduser().resolve()
+    """Dev storage root: `MNIST_DATA_DIR`, else `data/` in the checkout (git-ignored), else `./data`
+    where the package is installed rather than checked out (a container)."""
+    if env.get("MNIST_DATA_DIR"):
+        return Path(env["MNIST_DATA_DIR"]).expanduser().resolve()
+    in_checkout = (CHECKOUT_ROOT / "pyproject.toml").is_file()
+    return (CHECKOUT_ROOT if in_checkout else Path.cwd()).resolve() / "data"
 
 
-def dev_resources(env: Mapping[str, str] = os.environ) -> dict[str, object]:
-    """Local files under `MNIST_DATA_DIR`, a SQLite MLflow store beside them, CPU unless told otherwise."""
-    root = data_dir(env)
-    storage = LocalStorage(root=str(root))
+def branch_slug(env: Mapping[str, str] = os.environ) -> str:
+    """The branch deployment's name, safe as an S3 key segment and an MLflow name."""
+    name = env.get("DAGSTER_CLOUD_DEPLOYMENT_NAME") or env.get("DAGSTER_CLOUD_GIT_BRANCH") or "local"
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.")[:63] or "branch"
+
+
+def _compute_and_source(env: Mapping[str, str]) -> dict[str, object]:
+    """What dev and prod share: the MNIST mirrors and the device (`MNIST_DEVICE` checked here, at load)."""
     return {
-        "storage": storage,
-        "io_manager": TensorIOManager(storage=storage),
         "mnist_source": MnistSource(mirrors=env.get("MNIST_MIRRORS", "")),
-        "compute": ComputeResource(device=env.get("MNIST_DEVICE", "auto")),
-        "mlflow": MlflowTracking(
-            tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}",
-            artifact_location=(root / "mlartifacts").as_uri(),
-        ),
+        "compute": ComputeResource(device=check_device(env.get("MNIST_DEVICE", "").strip() or "auto")),
     }
 
 
-def prod_resources(env: Mapping[str, str] = os.environ, prefix: str | None = None) -> dict[str, object]:
-    """S3 (`S3_BUCKET`, `S3_PREFIX`) for everything, a tracking server for MLflow, the GPU when present."""
+def dev_resources(env: Mapping[str, str] = os.environ) -> dict[str, object]:
+    """Local files under `MNIST_DATA_DIR`, a SQLite MLflow store beside them, the GPU only if present."""
+    root = data_dir(env)
+    storage = LocalStorage(root=str(root))
+    tracking_uri = env.get("MLFLOW_TRACKING_URI", "").strip()
+    return {
+        "storage": storage,
+        "io_manager": TensorIOManager(storage=storage),
+        **_compute_and_source(env),
+        "mlflow": MlflowTracking(
+            tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}",
+            # beside the SQLite store; a tracking server named in MLFLOW_TRACKING_URI decides for itself
+            artifact_location=None if tracking_uri else (root / "mlartifacts").as_uri(),
+            ui_url=env.get("MLFLOW_UI_URL", ""),
+        ),
+        "slack": slack_alerts(env),
+    }
+
+
+def prod_resources(env: Mapping[str, str] = os.environ, branch: str | None = None) -> dict[str, object]:
+    """S3 (`S3_BUCKET`, `S3_PREFIX`) for everything, an MLflow tracking server (`MLFLOW_TRACKING_URI`),
+    the GPU when present. `branch` isolates a branch deployment under its own prefix and MLflow names.
+
+    `S3_BUCKET` and `MLFLOW_TRACKING_URI` are `dg.EnvVar`s: read when a step starts, never shown in the
+    UI; a missing one fails that step with a message naming it. AWS credentials are boto3's business.
+    """
     from dagster_aws.s3 import S3Resource
 
+    from mnist_dagster.resources.s3 import S3Storage
+
+    prefix = (env.get("S3_PREFIX", "").strip().strip("/")) or DEFAULT_S3_PREFIX
+    mlflow_name = MLFLOW_NAME
+    if branch:
+        prefix, mlflow_name = f"{prefix}/branches/{branch}", f"{MLFLOW_NAME}-{branch}"
     storage: StorageResource = S3Storage(
-        bucket=dg.EnvVar("S3_BUCKET"), prefix=prefix or env.get("S3_PREFIX", "mnist-dagster"), s3=S3Resource()
+        bucket=dg.EnvVar("S3_BUCKET"), prefix=prefix, s3=S3Resource(region_name=env.get("AWS_REGION") or None)
     )
     return {
         "storage": storage,
         "io_manager": TensorIOManager(storage=storage),
-        "mnist_source": MnistSource(mirrors=env.get("MNIST_MIRRORS", "")),
-        "compute": ComputeResource(device=env.get("MNIST_DEVICE", "auto")),
-        "mlflow": MlflowTracking(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"), ui_url=env.get("MLFLOW_UI_URL") or env.get("MLFLOW_TRACKING_URI", "")),
+        **_compute_and_source(env),
+        "mlflow": MlflowTracking(
+            tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+            experiment_name=mlflow_name,
+            registered_model_name=mlflow_name,
+            ui_url=env.get("MLFLOW_UI_URL", ""),
+        ),
+        "slack": slack_alerts(env),
     }
 
 
 def resources_for(deployment: str, env: Mapping[str, str] = os.environ) -> dict[str, object]:
     if deployment == "dev":
         return dev_resources(env)
+    if deployment == "prod":
+        return prod_resources(env)
     if deployment == "branch":
-        base = env.get("S3_PREFIX", "mnist-dagster")
-        return prod_resources(env, prefix=f"{base}/branches/{env.get('DAGSTER_CLOUD_DEPLOYMENT_NAME', 'branch')}")
-    return prod_resources(env)
+        return prod_resources(env, branch=branch_slug(env))
+    raise ValueError(f"unknown deployment {deployment!r}; expected one of {', '.join(DEPLOYMENTS)}")
 
 
 def executor_for(deployment: str) -> dg.ExecutorDefinition:

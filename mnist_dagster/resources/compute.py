@@ -1,6 +1,19 @@
-"""Where training and evaluation run: `MNIST_DEVICE` = auto (CUDA when present), cpu or cuda."""
+"""Where training and evaluation run: `MNIST_DEVICE` = auto (CUDA when present), cpu or cuda.
+
+The CUDA path (pinned-memory transfer of the whole dataset once, bf16 autocast) lives in
+`mnist_dagster.ml.train`; the CPU path always trains in float32, whatever `mixed_precision` says.
+"""
 
 import dagster as dg
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    """`device` if it is one `MNIST_DEVICE` may name; an error naming the variable otherwise."""
+    if device not in DEVICES:
+        raise ValueError(f"MNIST_DEVICE={device!r} is not one of {', '.join(DEVICES)}")
+    return device
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -8,6 +21,7 @@ class ComputeResource(dg.ConfigurableResource):
     mixed_precision: bool = True  # bf16 autocast on CUDA; the CPU path always runs float32
 
     def resolve_device(self) -> str:
+        """`cpu` or `cuda`; `cuda` without a GPU is an error rather than a silent, slow CPU run."""
         from mnist_dagster.ml.train import resolve_device
 
-        return resolve_device(self.device)
+        return resolve_device(check_device(self.device))

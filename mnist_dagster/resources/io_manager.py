@@ -1,6 +1,8 @@
 """The IO manager for tensors and checkpoints: `torch.save` on write, `weights_only=True` on read.
 
-Assets pass dicts of tensors and primitives, never arbitrary objects, so nothing is unpickled.
+Assets pass dicts of tensors and primitives, never arbitrary objects, so nothing is unpickled. The
+bytes go through a `Store`, so dev (a folder) and prod (S3) hold the very same `.pt` objects under
+`assets/<asset key>.pt`.
 """
 
 import io
@@ -20,6 +22,9 @@ class TensorIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: dict) -> None:
         import torch
 
+        if not isinstance(obj, dict):
+            asset = context.asset_key.to_user_string()
+            raise TypeError(f"{asset} returned {type(obj).__name__}; this IO manager stores dicts of tensors")
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         key = asset_object_key(context.asset_key)
@@ -32,5 +37,12 @@ class TensorIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> dict:
         import torch
 
-        data = self.storage.open().read_bytes(asset_object_key(context.asset_key))
+        store = self.storage.open()
+        key = asset_object_key(context.asset_key)
+        try:
+            data = store.read_bytes(key)
+        except FileNotFoundError as error:
+            raise dg.Failure(
+                f"{context.asset_key.to_user_string()} has no stored value at {store.uri(key)}: materialize it first"
+            ) from error
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

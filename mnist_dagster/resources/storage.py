@@ -1,15 +1,16 @@
 """Storage resources: where assets, models, landing and inbox files live, per environment.
 
-Assets ask a `StorageResource` for a `Store` and never build paths or S3 keys themselves.
+Assets ask a `StorageResource` for a `Store` and never build paths or S3 keys themselves. The S3
+flavour lives in `mnist_dagster.resources.s3`, imported only by prod, so that loading the dev code
+location does not pay for boto3 and dagster-aws.
 """
 
 import tempfile
 from pathlib import Path
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
-from mnist_dagster.storage import LocalStore, S3Store, Store
+from mnist_dagster.storage import LocalStore, Store
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -37,14 +38,3 @@ class LocalStorage(StorageResource):
         path = Path(self.root).expanduser() / "cache" / name
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-class S3Storage(StorageResource):
-    """Prod: everything under `s3://S3_BUCKET/S3_PREFIX/`, through dagster-aws's `S3Resource`."""
-
-    bucket: str
-    prefix: str = "mnist-dagster"
-    s3: S3Resource
-
-    def open(self) -> Store:
-        return S3Store(self.s3.get_client(), self.bucket, self.prefix)

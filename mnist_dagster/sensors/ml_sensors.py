@@ -1,12 +1,328 @@
-"""Sensors: declarative automation on by default."""
+"""Sensors, all running as soon as the code location loads: new labelled data, declarative automation,
+and Slack alerts for failed runs and for models the deployment gate kept out.
+
+Each sensor keeps its own cursor. The Slack sensors move theirs past an event only once its message
+was posted, so a Slack outage delays alerts instead of losing them (dagster's `run_failure_sensor`
+advances its cursor whether or not the post worked, which is why it is not used here).
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import dagster as dg
+
+from mnist_dagster.assets.data_assets import LANDING_PREFIX
+from mnist_dagster.resources.slack import SlackAlerts
+from mnist_dagster.resources.storage import StorageResource
+
+RAW_DATA = dg.AssetKey("raw_mnist_data")
+PRODUCTION_MODEL = dg.AssetKey("production_digit_classifier")
+HIDDEN_JOB_PREFIX = "__"  # __ASSET_JOB, __anonymous_asset_job_<sensor>: runs of an ad-hoc asset selection
+EVENTS_PER_TICK = 10  # a tick posts at most this many alerts; the rest follow on the next tick
+MAX_FAILED_STEPS_SHOWN = 5
+ERROR_LINES_SHOWN = 3
+ERROR_LINE_CHARS = 200
+
+# ---------------------------------------------------------------------------------------------
+# New labelled data in the landing area -> raw_mnist_data
+# ---------------------------------------------------------------------------------------------
+
+
+class LandingCursor(NamedTuple):
+    """What the sensor has seen in `landing/`: key -> `StoredObject.version`, valid and rejected apart."""
+
+    valid: dict[str, str]
+    rejected: dict[str, str]
+
+    @classmethod
+    def parse(cls, cursor: str | None) -> "LandingCursor":
+        """An unreadable cursor counts as "seen nothing": at worst one extra run of raw_mnist_data,
+        which retrains nothing if the data did not change (data versions)."""
+        try:
+            state = json.loads(cursor) if cursor else {}
+            return cls(dict(state.get("valid", {})), dict(state.get("rejected", {})))
+        except (ValueError, TypeError, AttributeError):
+            return cls({}, {})
+
+    def dump(self) -> str:
+        return json.dumps({"valid": self.valid, "rejected": self.rejected}, sort_keys=True)
+
+    def knows(self, key: str, version: str) -> bool:
+        return self.valid.get(key) == version or self.rejected.get(key) == version
+
+    def fingerprint(self) -> str:
+        """Names the valid set, so a run key says "this change, from that state": removing a batch and
+        landing it again later is a new change, while re-evaluating one tick repeats its key."""
+        return hashlib.sha256(json.dumps(self.valid, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _validation_error(payload: bytes) -> str | None:
+    """Why a landed file cannot be used (the same check `raw_mnist_data` applies), or None."""
+    from mnist_dagster.ml.data import LabelledBatchError, read_labelled_batch
+
+    try:
+        read_labelled_batch(payload)
+    except LabelledBatchError as error:
+        return str(error)
+    return None
+
+
+@dg.sensor(
+    name="new_labelled_data_sensor",
+    target=[RAW_DATA],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description=(
+        f"Watches `{LANDING_PREFIX}/*.npz` in storage and re-materializes raw_mnist_data when a labelled "
+        "batch is added, changed or removed; malformed files are reported and skipped."
+    ),
+)
+def new_labelled_data_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    store = storage.open()
+    seen = LandingCursor.parse(context.cursor)
+    listed = {item.key: item.version for item in store.list(LANDING_PREFIX) if item.key.endswith(".npz")}
+    now = LandingCursor(
+        valid={key: version for key, version in listed.items() if seen.valid.get(key) == version},
+        rejected={key: version for key, version in listed.items() if seen.rejected.get(key) == version},
+    )
+    new_or_changed = sorted(key for key, version in listed.items() if not seen.knows(key, version))
+    for key in new_or_changed:
+        error = _validation_error(store.read_bytes(key))
+        if error is None:
+            now.valid[key] = listed[key]
+        else:
+            now.rejected[key] = listed[key]
+            context.log.warning(f"Skipping landed file {key}: {error}")
+    added = [key for key in new_or_changed if key in now.valid]
+    removed = sorted(set(seen.valid) - set(listed))
+    if not added and not removed:
+        rejected = [key for key in new_or_changed if key in now.rejected]
+        reason = f"Rejected malformed {', '.join(rejected)}" if rejected else f"Nothing new in {LANDING_PREFIX}/"
+        return dg.SensorResult(skip_reason=reason, cursor=now.dump())
+    change = [f"+{key}@{listed[key]}" for key in added] + [f"-{key}@{seen.valid[key]}" for key in removed]
+    context.log.info(f"New labelled data: {', '.join(change)}")
+    request = dg.RunRequest(
+        run_key=f"landing:{seen.fingerprint()}:" + "|".join(change),  # the same change never launches twice
+        asset_selection=[RAW_DATA],
+        tags={"mnist/landing_added": str(len(added)), "mnist/landing_removed": str(len(removed))},
+    )
+    return dg.SensorResult(run_requests=[request], cursor=now.dump())
+
+
+# ---------------------------------------------------------------------------------------------
+# Declarative automation: processed data, training, evaluation and deployment follow new data
+# ---------------------------------------------------------------------------------------------
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "automation_sensor",
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
+    description="Evaluates the assets' automation conditions (RETRAIN_ON_NEW_DATA) and launches what they request.",
 )
 
-SENSORS = [automation_sensor]
+# ---------------------------------------------------------------------------------------------
+# Slack alerts
+# ---------------------------------------------------------------------------------------------
+
+
+class Alert(NamedTuple):
+    storage_id: int  # the event's id in the event log: the sensor's cursor once this alert is handled
+    text: str | None  # None: nothing to say about this event, just move past it
+
+
+def _slack_errors() -> tuple[type[BaseException], ...]:
+    """What a Slack outage looks like from slack_sdk: API errors, HTTP/network errors, timeouts."""
+    from slack_sdk.errors import SlackClientError
+
+    return (SlackClientError, OSError, ValueError)
+
+
+def _post_in_order(
+    context: dg.SensorEvaluationContext, slack: SlackAlerts, alerts: Iterable[Alert], cursor: int
+) -> dg.SensorResult:
+    """Posts each alert; the cursor moves past an event only after its message went out."""
+    posted = 0
+    for alert in alerts:
+        if alert.text is not None:
+            try:
+                slack.post(alert.text)
+            except _slack_errors() as error:
+                problem = f"{type(error).__name__}: {str(error)[:300]}"
+                context.log.warning(f"Could not post to Slack ({problem}); will try again on the next tick")
+                return dg.SensorResult(skip_reason=f"Slack post failed, retrying next tick: {problem}", cursor=str(cursor))
+            posted += 1
+        cursor = alert.storage_id
+    return dg.SensorResult(skip_reason=f"Posted {posted} alert(s) to {slack.channel}", cursor=str(cursor))
+
+
+def _alerting_tick(
+    context: dg.SensorEvaluationContext,
+    slack: SlackAlerts,
+    latest_event_id: Callable[[], int],
+    alerts_after: Callable[[int], Iterable[Alert]],
+) -> dg.SensorResult:
+    """Shared tick logic: the first tick (or an unreadable cursor) starts watching from now;
+    without a token the sensor says so and keeps its cursor at now, so turning Slack on later does
+    not replay old events."""
+    cursor = context.cursor
+    if not slack.configured:
+        context.log.info("Slack is not configured (SLACK_BOT_TOKEN is unset): no alert is sent.")
+        return dg.SensorResult(skip_reason="Slack is not configured (set SLACK_BOT_TOKEN)", cursor=str(latest_event_id()))
+    if cursor is None or not cursor.lstrip("-").isdigit():
+        return dg.SensorResult(skip_reason="Watching from now on", cursor=str(latest_event_id()))
+    return _post_in_order(context, slack, alerts_after(int(cursor)), int(cursor))
+
+
+def _first_lines(text: str) -> str:
+    lines = [line.rstrip()[:ERROR_LINE_CHARS] for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(lines[:ERROR_LINES_SHOWN])
+
+
+def _escape(text: str) -> str:
+    """Slack mrkdwn treats &, < and > as markup."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+#: Dagster's wrappers around the exception a step raised: the message is in their `cause`.
+DAGSTER_WRAPPERS = {"DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError", "RetryRequestedFromPolicy"}
+
+
+def _user_error(error) -> str:
+    """The first lines of the exception the step raised (not "Error occurred while executing op",
+    not "Exceeded max_retries"), its class without the module path."""
+    while error.cause is not None and error.cls_name in DAGSTER_WRAPPERS:
+        error = error.cause
+    head, separator, rest = error.message.partition(": ")
+    if separator and head.endswith(f".{error.cls_name}"):
+        return _first_lines(f"{error.cls_name}: {rest}")
+    return _first_lines(error.message)
+
+
+def _run_assets(instance: dg.DagsterInstance, run: dg.DagsterRun) -> list[str]:
+    """The assets the run was to materialize (its selection, else what its plan announced)."""
+    keys = set(run.asset_selection or ())
+    if not keys:
+        planned = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED)
+        keys = {record.event_log_entry.dagster_event.asset_key for record in planned.records}
+    return sorted(key.to_user_string() for key in keys if key is not None)
+
+
+def _what_ran(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    assets = ", ".join(_run_assets(instance, run))
+    if run.job_name.startswith(HIDDEN_JOB_PREFIX):
+        return f"assets {assets}" if assets else "an asset materialization"
+    return f"job `{run.job_name}`" + (f" (assets {assets})" if assets else "")
+
+
+def _launched_by(run: dg.DagsterRun) -> str:
+    for tag, kind in (("dagster/schedule_name", "schedule"), ("dagster/sensor_name", "sensor")):
+        if tag in run.tags:
+            return f" — launched by {kind} `{run.tags[tag]}`"
+    return ""
+
+
+def _run_failure_text(instance: dg.DagsterInstance, run: dg.DagsterRun, failure_event, run_url: str) -> str:
+    """Which job or assets failed, which steps, the error's first lines, and a link to the run."""
+    step_failures = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    lines = [f":rotating_light: *Dagster run failed*: {_escape(_what_ran(instance, run))}{_escape(_launched_by(run))}"]
+    for record in step_failures[:MAX_FAILED_STEPS_SHOWN]:
+        event = record.event_log_entry.dagster_event
+        error = event.step_failure_data.error
+        detail = _user_error(error) if error else event.message or "no error recorded"
+        lines.append(f"• step `{event.step_key}` failed:\n```{_escape(detail)}```")
+    if len(step_failures) > MAX_FAILED_STEPS_SHOWN:
+        lines.append(f"… and {len(step_failures) - MAX_FAILED_STEPS_SHOWN} more failed steps")
+    if not step_failures:  # the run failed outside any step (launch, run worker, resources)
+        error = failure_event.event_specific_data.error if failure_event.event_specific_data else None
+        detail = _user_error(error) if error else _first_lines(failure_event.message or "no error recorded")
+        lines.append(f"```{_escape(detail)}```")
+    lines.append(f"<{run_url}|Open run {run.run_id[:8]} in Dagster>")
+    return "\n".join(lines)
+
+
+def _in_this_code_location(context: dg.SensorEvaluationContext, run: dg.DagsterRun) -> bool:
+    """Runs of every job of this code location, the implicit asset job of automation runs included."""
+    origin = run.remote_job_origin
+    run_location = origin.repository_origin.code_location_origin.location_name if origin else None
+    run_repository = origin.repository_origin.repository_name if origin else None
+    sensor_location = context.code_location_origin.location_name if context.code_location_origin else None
+    return (run_location, run_repository) == (sensor_location, context.repository_name)
+
+
+@dg.sensor(
+    name="slack_on_run_failure",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Posts every failed run of this code location (jobs, schedules, sensors, automation) to Slack.",
+)
+def slack_on_run_failure(context: dg.SensorEvaluationContext, slack: SlackAlerts) -> dg.SensorResult:
+    instance = context.instance
+
+    def latest_failure_id() -> int:
+        records = instance.fetch_run_status_changes(dg.DagsterEventType.RUN_FAILURE, limit=1).records
+        return records[0].storage_id if records else -1
+
+    def alerts_after(cursor: int) -> Iterator[Alert]:
+        records = instance.fetch_run_status_changes(
+            dg.RunStatusChangeRecordsFilter(event_type=dg.DagsterEventType.RUN_FAILURE, after_storage_id=cursor),
+            limit=EVENTS_PER_TICK,
+            ascending=True,
+        ).records
+        for record in records:
+            run = instance.get_run_by_id(record.event_log_entry.run_id)
+            if run is None or not _in_this_code_location(context, run):
+                yield Alert(record.storage_id, None)
+            else:
+                failure = record.event_log_entry.dagster_event
+                yield Alert(record.storage_id, _run_failure_text(instance, run, failure, slack.run_url(run.run_id)))
+
+    return _alerting_tick(context, slack, latest_failure_id, alerts_after)
+
+
+def _accuracy(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _not_deployed_text(materialization: dg.AssetMaterialization, run_id: str, run_url: str) -> str | None:
+    """The gate's verdict when it kept a candidate out; None for a deployment."""
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    if metadata.get("deployed") is not False:
+        return None
+    lines = [
+        f":warning: *New model not deployed*: {_escape(str(metadata.get('reason', 'no reason recorded')))}.",
+        f"Test accuracy {_accuracy(metadata.get('test_accuracy'))}, threshold {metadata.get('threshold')}; "
+        f"production stays at model version {metadata.get('model_version')}.",
+    ]
+    if run_id:  # a materialization reported from outside a run has none
+        lines.append(f"<{run_url}|Open run {run_id[:8]} in Dagster>")
+    return "\n".join(lines)
+
+
+@dg.sensor(
+    name="slack_on_model_not_deployed",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Posts to Slack, once each, when a trained model fails the deployment gate.",
+)
+def slack_on_model_not_deployed(context: dg.SensorEvaluationContext, slack: SlackAlerts) -> dg.SensorResult:
+    instance = context.instance
+
+    def latest_materialization_id() -> int:
+        records = instance.fetch_materializations(PRODUCTION_MODEL, limit=1).records
+        return records[0].storage_id if records else -1
+
+    def alerts_after(cursor: int) -> Iterator[Alert]:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=PRODUCTION_MODEL, after_storage_id=cursor), limit=EVENTS_PER_TICK, ascending=True
+        ).records
+        for record in records:
+            run_id = record.run_id
+            yield Alert(record.storage_id, _not_deployed_text(record.asset_materialization, run_id, slack.run_url(run_id)))
+
+    return _alerting_tick(context, slack, latest_materialization_id, alerts_after)
+
+
+SENSORS = [new_labelled_data_sensor, automation_sensor, slack_on_run_failure, slack_on_model_not_deployed]
