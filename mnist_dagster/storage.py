@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 
@@ -173,6 +174,19 @@ def s3_client() -> Any:
     import boto3
 
     return boto3.client("s3", region_name=os.environ.get("AWS_REGION") or None)
+
+
+CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """The dev storage root, shared by the Dagster resources and the serving CLI: `MNIST_DATA_DIR`,
+    else `data/` in the checkout (git-ignored), else `./data` where the package is installed rather
+    than checked out (a container)."""
+    if env.get("MNIST_DATA_DIR"):
+        return Path(env["MNIST_DATA_DIR"]).expanduser().resolve()
+    in_checkout = (CHECKOUT_ROOT / "pyproject.toml").is_file()
+    return (CHECKOUT_ROOT if in_checkout else Path.cwd()).resolve() / "data"
 
 
 def open_store(location: str) -> Store:

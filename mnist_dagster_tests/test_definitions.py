@@ -14,7 +14,7 @@ ASSET_GRAPH = {
     "model_evaluation": {"digit_classifier", "processed_mnist_data"},
     "production_digit_classifier": {"digit_classifier", "model_evaluation"},
     "batch_digit_predictions": {"production_digit_classifier"},
-    "digit_predictions": {"production_digit_classifier"},
+    "digit_predictions": {"production_digit_classifier", "raw_mnist_data"},  # real test images for its check
 }
 
 
@@ -38,7 +38,13 @@ def test_processed_data_checks_block_and_training_follows_automatically(tmp_path
     specs = list(defs.get_assets_def("processed_mnist_data").check_specs)
     assert {spec.name for spec in specs} == {"shapes", "label_range", "class_balance", "no_nan"}
     assert all(spec.blocking for spec in specs)
-    for key in ("processed_mnist_data", "digit_classifier", "model_evaluation", "production_digit_classifier"):
+    for key in (
+        "processed_mnist_data",
+        "digit_classifier",
+        "model_evaluation",
+        "production_digit_classifier",
+        "digit_predictions",
+    ):
         assert graph.get(dg.AssetKey(key)).automation_condition is not None, key
 
 

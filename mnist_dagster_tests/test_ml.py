@@ -169,7 +169,7 @@ def test_training_learns_and_is_deterministic_for_a_seed():
     assert history_a[-1].train_loss < history_a[0].train_loss
     assert history_a[-1].val_accuracy > 0.9
     assert [h.val_accuracy for h in history_a] == [h.val_accuracy for h in history_b]
-    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 

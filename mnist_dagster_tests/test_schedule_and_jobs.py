@@ -133,6 +133,8 @@ def test_retries_only_where_a_second_attempt_can_help(dev_env):
     assert {name for name, policy in full.items() if policy == TRANSIENT_IO_RETRY} == {
         "raw_mnist_data",  # mirror downloads
         "production_digit_classifier",  # MLflow registry and bundle writes
+        "batch_digit_predictions",  # inbox reads and Parquet writes (S3 in prod)
+        "digit_predictions",  # bundle publishing, the HTTP check
     }
     for never in ("processed_mnist_data", "digit_classifier", "model_evaluation"):
         assert full[never] is None, f"{never} fails the same way twice"

@@ -192,7 +192,7 @@ def model_evaluation(
     )
     per_class = [
         {"digit": digit, "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
-        for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1))
+        for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):

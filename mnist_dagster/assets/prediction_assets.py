@@ -1,55 +1,231 @@
-"""Inference from the production model only: nightly batch scoring and the real-time serving bundle."""
+"""Inference from the production model only: the nightly batch over the inbox, and the real-time endpoint.
 
+Dagster produces and publishes; a small HTTP service (`mnist-dagster serve`) serves. Both read the
+bundle that `production_digit_classifier` deployed past the gate, never a candidate. The work itself
+lives in `mnist_dagster.serving` (no Dagster there); these assets run it and describe what happened.
+"""
+
+import os
+import time
 
 import dagster as dg
 
+from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
+from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
 from mnist_dagster.resources.storage import StorageResource
+from mnist_dagster.serving import SERVING_ROOT
 
-SERVING_ROOT = "serving"  # where `mnist-dagster serve` looks for the newest bundle
-INBOX_PREFIX = "inbox"  # images waiting for the nightly batch
-PREDICTIONS_PREFIX = "predictions"
+SERVING_URL_ENV = "MNIST_SERVING_URL"  # a running `mnist-dagster serve` that digit_predictions also checks
 
 
-def _production_predictor(storage: StorageResource):
-    from mnist_dagster.serving.bundle import Predictor, load_current
+def _production_bundle(storage: StorageResource):
+    from mnist_dagster.serving.bundle import load_current
 
     production = load_current(storage.open(), PRODUCTION_ROOT)
     if production is None:
-        raise dg.Failure("No production model yet: materialize production_digit_classifier first (it deploys past the gate).")
-    return Predictor(production)
+        raise dg.Failure(
+            "No production model yet: materialize production_digit_classifier first "
+            "(it deploys a trained model once it passes the accuracy gate).",
+            allow_retries=False,
+        )
+    return production
 
 
-@dg.asset(group_name="inference", kinds={"onnx", "parquet"}, deps=["production_digit_classifier"])
-def batch_digit_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Scores every `.npz` image batch in the inbox with the production model and writes Parquet."""
-    import io
+class BatchPredictionConfig(dg.Config):
+    low_confidence_threshold: float = 0.9  # predictions below this confidence are counted and shown
+    low_confidence_grid: int = 32  # how many of the least confident images the grid shows
 
-    import numpy as np
-    import pandas as pd
 
-    predictor = _production_predictor(storage)
+@dg.asset(
+    group_name="inference",
+    kinds={"onnx", "parquet"},
+    deps=["production_digit_classifier"],
+    retry_policy=TRANSIENT_IO_RETRY,  # inbox reads and Parquet writes go to S3 in prod
+    pool="batch_inference",  # one batch at a time: two would both score the same new inbox files
+)
+def batch_digit_predictions(
+    context: dg.AssetExecutionContext, config: BatchPredictionConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Scores every image that arrived in the inference inbox since the previous run with the production
+    model, and writes a Parquet table of predictions (and one of rejected inputs).
+
+    Inbox (`inbox/` in the store): PNG/JPEG files, and `.npz` batches with `images` uint8 N x 28 x 28.
+    Nothing is scored twice: a ledger remembers each (file, content) already done. See
+    `mnist_dagster/serving/batch.py` for the formats and the ledger.
+    """
+    from mnist_dagster.serving.batch import load_predictor, score_inbox
+
+    predictor = load_predictor(_production_bundle(storage))
     store = storage.open()
-    rows = []
-    for item in store.list(INBOX_PREFIX):
-        with np.load(io.BytesIO(store.read_bytes(item.key)), allow_pickle=False) as npz:
-            images = npz["images"]
-        probabilities = predictor.predict_proba(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
-        for index, row in enumerate(probabilities):
-            rows.append({"input_id": f"{item.key}#{index}", "digit": int(row.argmax()), "confidence": float(row.max())})
-    frame = pd.DataFrame(rows, columns=["input_id", "digit", "confidence"]).assign(model_version=predictor.version)
-    key = f"{PREDICTIONS_PREFIX}/batch-{context.run_id}.parquet"
-    store.write_bytes(key, frame.to_parquet(index=False))
-    return dg.MaterializeResult(
-        metadata={"scored": len(frame), "model_version": predictor.version, "predictions": dg.MetadataValue.path(store.uri(key))}
+    result = score_inbox(store, predictor, context.run_id)
+    for row in result.rejected.itertuples():
+        context.log.warning(f"Rejected {row.input_id}: {row.reason}")
+    common = {"model_version": predictor.version, "inbox_files": result.inbox_objects, "new_files": result.new_inputs}
+    if result.new_inputs == 0:
+        status = (
+            "inbox is empty"
+            if result.inbox_objects == 0
+            else f"nothing new: all {result.inbox_objects} inbox files were scored by earlier runs"
+        )
+        context.log.info(f"No new inputs ({status}); nothing to score.")
+        return dg.MaterializeResult(metadata={**common, "status": status, "scored": 0, "rejected": 0})
+
+    predictions = result.predictions
+    low = predictions["confidence"] < config.low_confidence_threshold
+    histogram = predictions["digit"].value_counts().reindex(range(10), fill_value=0)
+    metadata = {
+        **common,
+        "status": f"scored {len(predictions)} images from {result.new_inputs} new files",
+        "scored": len(predictions),
+        "rejected": len(result.rejected),
+        "class_histogram": table([{"digit": d, "count": int(c)} for d, c in histogram.items()], ["digit", "count"]),
+        "low_confidence": int(low.sum()),
+        "low_confidence_threshold": config.low_confidence_threshold,
+        "images_per_second": round(result.images_per_second, 1),
+        "seconds": round(result.seconds, 3),
+    }
+    if result.predictions_key:
+        metadata["predictions"] = dg.MetadataValue.path(store.uri(result.predictions_key))
+    if result.rejected_key:
+        metadata["rejected_inputs"] = dg.MetadataValue.path(store.uri(result.rejected_key))
+        metadata["rejections"] = table(result.rejected.head(50).to_dict("records"), ["input_id", "reason"])
+    if low.any():
+        metadata["low_confidence_digits"] = _low_confidence_grid(result, config.low_confidence_grid)
+    context.log.info(
+        metadata["status"] + f", rejected {len(result.rejected)}, {result.images_per_second:,.0f} images/s"
     )
+    return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name="inference", kinds={"onnx"}, deps=["production_digit_classifier"])
-def digit_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    """Publishes the production bundle to the serving location, where `mnist-dagster serve` picks it up."""
-    from mnist_dagster.serving import bundle
+def _low_confidence_grid(result, count: int) -> dg.MarkdownMetadataValue:
+    """The least confident predictions, captioned `digit (confidence)`."""
+    import torch
 
-    predictor = _production_predictor(storage)
-    bundle.publish(storage.open(), SERVING_ROOT, predictor.bundle)
-    return dg.MaterializeResult(metadata={"model_version": predictor.version}, data_version=dg.DataVersion(predictor.version))
+    from mnist_dagster.ml.plots import digit_grid_png
+
+    worst = result.predictions["confidence"].to_numpy().argsort()[:count]
+    rows = result.predictions.iloc[worst]
+    captions = [f"{d} ({c:.0%})" for d, c in zip(rows["digit"], rows["confidence"], strict=True)]
+    png = digit_grid_png(torch.from_numpy(result.pixels[worst]), captions)
+    return png_markdown(png, "least confident predictions: predicted digit (confidence)")
+
+
+class ServingCheckConfig(dg.Config):
+    check_images: int = 1000  # held-out test images sent through the server's code path before publishing
+    max_accuracy_drop: float = 0.01  # allowed gap between that accuracy and the bundle's recorded test accuracy
+    http_check_images: int = 100  # of those, how many are also sent to MNIST_SERVING_URL when it is set
+    http_timeout_seconds: float = 60.0  # how long the running server may take to pick up the new version
+
+
+@dg.asset(
+    group_name="inference",
+    kinds={"onnx", "fastapi"},
+    deps=["production_digit_classifier"],
+    retry_policy=TRANSIENT_IO_RETRY,
+    # Republish whenever a new model is deployed; raw_mnist_data only lends its test images, it is no trigger.
+    automation_condition=RETRAIN_ON_NEW_DATA.ignore(dg.AssetSelection.assets("raw_mnist_data")),
+)
+def digit_predictions(
+    context: dg.AssetExecutionContext, config: ServingCheckConfig, storage: StorageResource, raw_mnist_data: dict
+) -> dg.MaterializeResult:
+    """The real-time endpoint's model: publishes the production bundle to the serving location, where
+    `mnist-dagster serve` picks it up without a restart.
+
+    Before publishing, real held-out test images (as PNG, the way clients send them) go through the
+    same functions the server runs for `POST /predict`; a serving-path accuracy below the model's test
+    accuracy means preprocessing does not match training, and nothing is published. When
+    `MNIST_SERVING_URL` names a running server, it must then serve the new version within the timeout.
+    """
+    import numpy as np
+
+    from mnist_dagster.serving import bundle, service
+    from mnist_dagster.serving.preprocess import encode_png
+
+    production = _production_bundle(storage)
+    predictor = service.load_predictor(production)
+    images = raw_mnist_data["test_images"][: config.check_images].numpy()
+    labels = raw_mnist_data["test_labels"][: config.check_images].numpy()
+    pngs = [encode_png(image) for image in images]
+    digits, latencies = _predict_through_server_code(predictor, pngs)
+    accuracy = float(np.mean(digits == labels))
+    recorded = production.manifest.get("test_accuracy")
+    if recorded is not None and accuracy < recorded - config.max_accuracy_drop:
+        raise dg.Failure(
+            f"Not published: the serving path gets {accuracy:.4f} on {len(labels)} test images, but the model's "
+            f"test accuracy is {recorded:.4f}; the server's preprocessing does not match training.",
+            metadata={"model_version": production.version, "serving_path_accuracy": accuracy},
+            allow_retries=False,  # the same model fails the same way
+        )
+
+    store = storage.open()
+    bundle.publish(store, SERVING_ROOT, production)
+    if bundle.current_version(store, SERVING_ROOT) != production.version:
+        raise dg.Failure(f"Published version {production.version}, but {SERVING_ROOT}/CURRENT.json names another")
+    bundle.load(store, SERVING_ROOT, production.version)  # reads back and verifies the checksum
+    context.log.info(f"Published model version {production.version} to {store.uri(SERVING_ROOT)}")
+
+    metadata = {
+        "model_version": production.version,
+        "serving_location": dg.MetadataValue.path(store.uri(SERVING_ROOT)),
+        "check_images": len(labels),
+        "accuracy": accuracy,
+        "recorded_test_accuracy": recorded if recorded is not None else "unknown",
+        "latency_p50_ms": _percentile_ms(latencies, 50),
+        "latency_p99_ms": _percentile_ms(latencies, 99),
+    }
+    url = os.environ.get(SERVING_URL_ENV, "").strip()
+    if url:
+        metadata |= _check_over_http(context, url, production.version, pngs[: config.http_check_images], digits, config)
+    else:
+        metadata["http_check"] = f"skipped: {SERVING_URL_ENV} is not set"
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(production.version))
+
+
+def _predict_through_server_code(predictor, pngs: list[bytes]):
+    """Each PNG through `service.predict_request`, the function behind `POST /predict`, timed one by one."""
+    import numpy as np
+
+    from mnist_dagster.serving import service
+
+    digits, latencies = [], []
+    for png in pngs:
+        started = time.perf_counter()
+        digits.append(service.predict_request(predictor, png, "image/png").digit)
+        latencies.append(time.perf_counter() - started)
+    return np.array(digits), latencies
+
+
+def _check_over_http(context, url: str, version: str, pngs: list[bytes], expected, config: ServingCheckConfig) -> dict:
+    """The running server serves `version` within the timeout and gives the same digits as the check."""
+    from mnist_dagster.serving import client
+
+    try:
+        client.wait_for_version(url, version, config.http_timeout_seconds)
+        latencies, mismatches = [], []
+        for index, png in enumerate(pngs):
+            started = time.perf_counter()
+            answer = client.predict_png(url, png)
+            latencies.append(time.perf_counter() - started)
+            if answer["model_version"] != version or answer["digit"] != int(expected[index]):
+                mismatches.append(f"image {index}: got {answer['digit']} from version {answer['model_version']}")
+    except (client.ServingCheckError, OSError) as error:
+        # Already waited http_timeout_seconds; a retry would only repeat the wait.
+        raise dg.Failure(f"HTTP check of {url} failed: {error}", allow_retries=False) from error
+    if mismatches:
+        raise dg.Failure(
+            f"{url} answers differently from the published model: {'; '.join(mismatches[:5])}", allow_retries=False
+        )
+    context.log.info(f"{url} serves version {version} and agrees on {len(pngs)} test images")
+    return {
+        "http_check": f"{url} serves version {version}",
+        "http_check_images": len(pngs),
+        "http_latency_p50_ms": _percentile_ms(latencies, 50),
+        "http_latency_p99_ms": _percentile_ms(latencies, 99),
+    }
+
+
+def _percentile_ms(seconds: list[float], percentile: float) -> float:
+    import numpy as np
+
+    return round(float(np.percentile(seconds, percentile)) * 1000, 3) if seconds else 0.0

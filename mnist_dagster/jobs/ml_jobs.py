@@ -10,7 +10,6 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from mnist_dagster.assets.automation import TRANSIENT_IO_RETRY
 
 TIMEZONE_ENV = "MNIST_SCHEDULE_TIMEZONE"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 every day, in the schedule's time zone
@@ -29,7 +28,6 @@ batch_inference_job = dg.define_asset_job(
     "batch_inference_job",
     selection=dg.AssetSelection.assets("batch_digit_predictions"),
     description="Score everything new in the inference inbox with the production model.",
-    op_retry_policy=TRANSIENT_IO_RETRY,  # inbox reads and Parquet writes go to S3 in prod
 )
 
 

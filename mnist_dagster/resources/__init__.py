@@ -23,11 +23,11 @@ from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.slack import slack_alerts
 from mnist_dagster.resources.storage import LocalStorage, StorageResource
+from mnist_dagster.storage import default_data_dir
 
 DEPLOYMENTS = ("dev", "prod", "branch")
 DEFAULT_S3_PREFIX = "mnist-dagster"
 MLFLOW_NAME = "mnist-digit-classifier"  # experiment and registered model (prod); branches add a suffix
-CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def deployment_name(env: Mapping[str, str] = os.environ) -> str:
@@ -44,12 +44,8 @@ def deployment_name(env: Mapping[str, str] = os.environ) -> str:
 
 
 def data_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """Dev storage root: `MNIST_DATA_DIR`, else `data/` in the checkout (git-ignored), else `./data`
-    where the package is installed rather than checked out (a container)."""
-    if env.get("MNIST_DATA_DIR"):
-        return Path(env["MNIST_DATA_DIR"]).expanduser().resolve()
-    in_checkout = (CHECKOUT_ROOT / "pyproject.toml").is_file()
-    return (CHECKOUT_ROOT if in_checkout else Path.cwd()).resolve() / "data"
+    """Dev storage root (see `mnist_dagster.storage.default_data_dir`)."""
+    return default_data_dir(env)
 
 
 def branch_slug(env: Mapping[str, str] = os.environ) -> str:

@@ -1,0 +1,225 @@
+"""The request path of the HTTP service, without the HTTP: parse a body, predict, shape the answer.
+
+`digit_predictions` checks a newly published model through these same functions, so what it measures
+is what the server does. `ModelWatcher` keeps the newest good bundle loaded and swaps it in atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from mnist_dagster.serving.bundle import Bundle, BundleError, Predictor, current_version, load
+from mnist_dagster.serving.preprocess import InputError, decode_image, mnist_format, pixels_from_json
+from mnist_dagster.storage import Store
+
+logger = logging.getLogger("mnist_dagster.serving")
+
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg"})
+JSON_TYPE = "application/json"
+MAX_BODY_BYTES = 1_000_000
+MAX_BATCH = 256
+
+
+def load_predictor(bundle: Bundle) -> Predictor:
+    """How the server runs a model: one ONNX Runtime thread, since a single image gains nothing from more
+    and the other cores are better spent on the next request."""
+    return Predictor(bundle, threads=1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    digit: int
+    confidence: float
+    probabilities: list[float]
+    model_version: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "digit": self.digit,
+            "confidence": self.confidence,
+            "probabilities": self.probabilities,
+            "model_version": self.model_version,
+        }
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def parse_image(body: bytes, content_type: str | None) -> np.ndarray:
+    """One image as a PNG/JPEG body or JSON `{"pixels": 28x28}` -> float32 (28, 28) in [0, 1]."""
+    kind = media_type(content_type)
+    if kind not in IMAGE_TYPES and kind != JSON_TYPE:
+        raise InputError(
+            f"unsupported content type {content_type or '(none)'!r}: send image/png, image/jpeg or application/json",
+            415,
+        )
+    if not body:
+        raise InputError('empty body: send a PNG or JPEG image, or JSON {"pixels": 28 rows of 28 numbers 0-255}', 400)
+    if kind in IMAGE_TYPES:
+        return mnist_format(decode_image(body))
+    document = _json_object(body, allowed={"pixels"})
+    if "pixels" not in document:
+        raise InputError('JSON body must be {"pixels": 28 rows of 28 numbers 0-255}')
+    return mnist_format(pixels_from_json(document["pixels"]))
+
+
+def parse_batch(body: bytes, content_type: str | None) -> np.ndarray:
+    """`{"images": [{"pixels": ...} | {"image_base64": "<PNG or JPEG>"}, ...]}` -> float32 (N, 28, 28)."""
+    if media_type(content_type) != JSON_TYPE:
+        raise InputError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 415)
+    if not body:
+        raise InputError('empty body: send JSON {"images": [...]}', 400)
+    items = _json_object(body, allowed={"images"}).get("images")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise InputError(f"'images' must be a list of 1 to {MAX_BATCH} images")
+    return np.stack([_batch_item(index, item) for index, item in enumerate(items)])
+
+
+def _batch_item(index: int, item: Any) -> np.ndarray:
+    try:
+        if not isinstance(item, dict) or len(item) != 1 or not {"pixels", "image_base64"} & item.keys():
+            raise InputError('each image must be {"pixels": 28x28 numbers} or {"image_base64": "<PNG or JPEG>"}')
+        if "pixels" in item:
+            return mnist_format(pixels_from_json(item["pixels"]))
+        return mnist_format(decode_image(_base64(item["image_base64"])))
+    except InputError as error:
+        raise InputError(f"images[{index}]: {error}", error.status) from error
+
+
+def _base64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise InputError("'image_base64' must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InputError(f"'image_base64' is not valid base64 ({error})") from error
+
+
+def _json_object(body: bytes, allowed: set[str]) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"body is not valid JSON ({type(error).__name__})", 400) from error
+    if not isinstance(document, dict):
+        raise InputError(f"JSON body must be an object with {' or '.join(sorted(allowed))}")
+    unknown = document.keys() - allowed
+    if unknown:
+        raise InputError(f"unknown field(s) {sorted(unknown)}: expected {sorted(allowed)}")
+    return document
+
+
+def predict(predictor: Predictor, pixels: np.ndarray) -> list[Prediction]:
+    """float32 (28, 28) or (N, 28, 28) in [0, 1] -> one `Prediction` per image."""
+    return [_prediction(row, predictor.version) for row in predictor.predict_proba(pixels.reshape(-1, 1, 28, 28))]
+
+
+def _prediction(probabilities: np.ndarray, version: str) -> Prediction:
+    rounded = [round(p, 6) for p in probabilities.tolist()]
+    digit = int(probabilities.argmax())
+    return Prediction(digit, rounded[digit], rounded, version)
+
+
+def predict_request(predictor: Predictor, body: bytes, content_type: str | None) -> Prediction:
+    """`POST /predict` without the HTTP."""
+    return predict(predictor, parse_image(body, content_type))[0]
+
+
+def predict_batch_request(predictor: Predictor, body: bytes, content_type: str | None) -> list[Prediction]:
+    """`POST /predict/batch` without the HTTP."""
+    return predict(predictor, parse_batch(body, content_type))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    predictor: Predictor
+    loaded_at: str
+
+    @property
+    def version(self) -> str:
+        return self.predictor.version
+
+
+class ModelWatcher:
+    """Keeps the newest good bundle under `root` loaded, polling the pointer off the request path.
+
+    A new version is loaded and self-tested in the background, then swapped in with one assignment, so a
+    request sees the old model or the new one, never a mix. A version that fails to load is refused
+    (logged, shown by `/health`) and the current model keeps serving; it is retried every
+    `retry_seconds` in case the failure was the store's rather than the bundle's.
+    """
+
+    def __init__(self, store: Store, root: str, poll_seconds: float = 1.0, retry_seconds: float = 30.0) -> None:
+        self.store, self.root, self.poll_seconds, self.retry_seconds = store, root, poll_seconds, retry_seconds
+        self.current: LoadedModel | None = None
+        self.refused: dict[str, tuple[str, float]] = {}  # version -> (reason, monotonic time refused)
+        self._pointer_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        """Load the version the pointer names, if it is new and not recently refused."""
+        version = self._pointed_version()
+        if version is None or (self.current is not None and version == self.current.version):
+            return
+        refused = self.refused.get(version)
+        if refused is not None and time.monotonic() - refused[1] < self.retry_seconds:
+            return
+        try:
+            predictor = load_predictor(load(self.store, self.root, version))
+        except BundleError as error:
+            self.refused[version] = (str(error), time.monotonic())
+            serving = self.current.version if self.current else "nothing"
+            logger.error("Refused model version %s (still serving %s): %s", version, serving, error)
+            return
+        previous = self.current.version if self.current else None
+        self.current = LoadedModel(predictor, datetime.now(timezone.utc).isoformat())
+        self.refused.pop(version, None)
+        logger.info("Now serving model version %s (was %s)", version, previous or "nothing")
+
+    def _pointed_version(self) -> str | None:
+        try:
+            version = current_version(self.store, self.root)
+        except Exception as error:  # noqa: BLE001 - a store outage or a bad pointer must not stop serving
+            message = f"cannot read {self.root}/CURRENT.json: {error}"
+            if message != self._pointer_error:
+                logger.error("%s; still serving %s", message, self.current.version if self.current else "nothing")
+            self._pointer_error = message
+            return None
+        self._pointer_error = None
+        return version
+
+    def start(self) -> None:
+        self.refresh()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher outlives any single failure
+                logger.exception("model watcher: unexpected error; will try again")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model_version": self.current.version if self.current else None,
+            "loaded_at": self.current.loaded_at if self.current else None,
+            "refused": {version: reason for version, (reason, _) in self.refused.items()},
+        }

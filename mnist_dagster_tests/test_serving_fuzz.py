@@ -1,0 +1,216 @@
+"""Fuzzing the endpoint: no input, however odd, gets a 5xx or anything but a clear 4xx or a prediction.
+
+Schemathesis drives the real server from its own OpenAPI schema (valid and invalid bodies for every
+operation and content type); Hypothesis drives the request-parsing functions directly, much faster,
+with random bytes, random JSON, and real PNGs of random sizes and pixel modes.
+"""
+
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from mnist_dagster.serving import SERVING_ROOT, bundle, service
+from mnist_dagster.serving.preprocess import InputError, mnist_format, mnist_format_many
+from mnist_dagster.storage import LocalStore
+from mnist_dagster_tests.serving_fixtures import generated_model, running_server
+
+# Fresh random examples on every local run; a fixed sequence in CI, so a landing never hangs on luck.
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=os.environ.get("CI") == "true"
+)
+
+
+@pytest.fixture(scope="module")
+def live_url(tmp_path_factory):
+    store_dir = tmp_path_factory.mktemp("fuzz") / "store"
+    bundle.publish(LocalStore(store_dir), SERVING_ROOT, generated_model())
+    with running_server(store_dir) as url:
+        yield url
+
+
+def _served_schema() -> dict:
+    """The OpenAPI document the server publishes at /openapi.json (the app is built, never started).
+
+    Loaded at import rather than from the live server through `schemathesis.pytest.from_fixture`,
+    which fails on pytest 9 (`'Function' object has no attribute '_nodeid'`, schemathesis 4.32).
+    """
+    from mnist_dagster.serving.app import create_app
+
+    return create_app(LocalStore(tempfile.gettempdir())).openapi()
+
+
+schema = schemathesis.openapi.from_dict(_served_schema())
+
+
+def test_the_fuzzed_schema_is_the_one_the_server_serves(live_url):
+    import httpx
+
+    assert httpx.get(f"{live_url}/openapi.json", timeout=5).json() == _served_schema()
+
+
+@schema.parametrize()
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_requests_never_get_a_server_error(case, live_url):
+    response = case.call(base_url=live_url, timeout=30)
+    case.validate_response(
+        response,
+        checks=[
+            not_a_server_error,
+            status_code_conformance,  # only documented statuses
+            content_type_conformance,
+            response_schema_conformance,  # answers (errors too) have the documented shape
+            negative_data_rejection,  # bodies that break the schema are refused
+        ],
+    )
+
+
+def test_the_server_is_still_healthy_after_the_fuzzing(live_url):
+    import httpx
+
+    assert httpx.get(f"{live_url}/health", timeout=5).json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return service.load_predictor(generated_model())
+
+
+def assert_prediction_or_client_error(predictor, body: bytes, content_type: str, batch: bool = False) -> None:
+    """The property the server relies on: a valid answer, or `InputError` with a 4xx status."""
+    try:
+        results = (
+            service.predict_batch_request(predictor, body, content_type)
+            if batch
+            else [service.predict_request(predictor, body, content_type)]
+        )
+    except InputError as error:
+        assert 400 <= error.status < 500 and str(error)
+        return
+    for prediction in results:
+        assert 0 <= prediction.digit <= 9
+        assert len(prediction.probabilities) == 10 and abs(sum(prediction.probabilities) - 1) < 1e-3
+        assert np.isfinite(prediction.probabilities).all()
+
+
+CONTENT_TYPES = st.sampled_from(
+    ["image/png", "image/jpeg", "application/json", "text/plain", "", "application/json; charset=utf-8"]
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=30)
+        | st.dictionaries(st.sampled_from(["pixels", "images", "image_base64", "x"]), children, max_size=3)
+    ),
+    max_leaves=900,
+)
+
+
+@FUZZ
+@given(body=st.binary(max_size=3000), content_type=CONTENT_TYPES, batch=st.booleans())
+def test_random_bytes(predictor, body, content_type, batch):
+    assert_prediction_or_client_error(predictor, body, content_type, batch)
+
+
+@FUZZ
+@given(value=JSON_VALUES, batch=st.booleans())
+def test_random_json(predictor, value, batch):
+    assert_prediction_or_client_error(predictor, json.dumps(value).encode(), "application/json", batch)
+
+
+PIXEL_VALUES = st.one_of(
+    st.integers(-5, 300), st.floats(-1, 260), st.sampled_from([0.0, 255.0, float("nan"), float("inf"), -float("inf")])
+)
+
+
+@FUZZ
+@given(
+    grid=arrays(np.float64, (28, 28), elements=PIXEL_VALUES),
+    reshape=st.sampled_from(["as is", "as is", "as is", "drop a row", "add a column"]),
+)
+def test_nearly_valid_pixels(predictor, grid, reshape):
+    rows = grid.tolist()
+    if reshape == "drop a row":
+        rows = rows[1:]
+    elif reshape == "add a column":
+        rows[3].append(0)
+    body = json.dumps({"pixels": rows}).encode()
+    assert_prediction_or_client_error(predictor, body, "application/json")
+    well_formed = reshape == "as is" and np.isfinite(grid).all() and grid.min() >= 0 and grid.max() <= 255
+    if well_formed and np.ptp(grid) > 0:  # valid and not constant: answered, or refused only as blank
+        try:  # (a light image whose every pixel is as light as its border has no ink: blank by the MNIST recipe)
+            service.predict_request(predictor, body, "application/json")
+        except InputError as error:
+            assert "blank image" in str(error), error
+
+
+MODES = st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "I"])
+
+
+@FUZZ
+@given(
+    pixels=arrays(np.uint8, st.tuples(st.integers(1, 80), st.integers(1, 80))),
+    mode=MODES,
+    image_format=st.sampled_from(["PNG", "JPEG"]),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+)
+def test_real_images_of_any_size_and_mode(predictor, pixels, mode, image_format, cut):
+    image = Image.fromarray(pixels)
+    if mode in {"I;16", "I"}:
+        image = Image.fromarray(pixels.astype(np.uint16) * 257)
+        image_format = "PNG"
+    elif mode != "L":
+        image = image.convert(mode)
+    if image_format == "JPEG" and mode not in {"L", "RGB"}:
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    body = buffer.getvalue() if cut is None else buffer.getvalue()[:cut]
+    assert_prediction_or_client_error(predictor, body, f"image/{image_format.lower()}")
+
+
+@FUZZ
+@given(pixels=arrays(np.uint8, st.tuples(st.integers(1, 120), st.integers(1, 120))))
+def test_the_mnist_recipe_gives_a_centred_28x28_image_or_refuses_a_blank_one(pixels):
+    try:
+        out = mnist_format(pixels.astype(np.float32))
+    except InputError as error:
+        assert "blank" in str(error)
+        return
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1 and out.max() > 0
+
+
+@FUZZ
+@given(
+    images=arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 12), st.just(28), st.just(28)),
+        elements=st.sampled_from([0, 30, 128, 200, 255]),
+    )
+)
+def test_the_batch_preprocessing_matches_the_single_image_path(images):
+    batched, refused = mnist_format_many(images)
+    for index, image in enumerate(images):
+        try:
+            single = mnist_format(image.astype(np.float32))
+        except InputError as error:
+            assert refused[index] == str(error)
+            continue
+        assert index not in refused
+        np.testing.assert_array_equal(batched[index, 0], single)
