@@ -273,8 +273,9 @@ def start_mlflow(bundle: Bundle, folder: Path) -> tuple[subprocess.Popen, int]:
 
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment("inference-benchmark")
-    with mlflow.start_run():
+    # Artifacts beside the temporary store, not in ./mlruns (the default for a SQLite store).
+    experiment = mlflow.create_experiment("inference-benchmark", artifact_location=(folder / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = mlflow.onnx.log_model(
             onnx.load_from_string(bundle.onnx),
             name="model",
