@@ -21,6 +21,19 @@ from mnist_dagster.resources.mnist_source import MnistSource
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST_DIR = Path(os.environ.get("MNIST_TEST_DATA", REPO_ROOT.parent / "shared" / "data" / "mnist"))
 
+#: Every asset of the code location, as the product names them.
+PIPELINE_ASSETS = frozenset(
+    {
+        "raw_mnist_data",
+        "processed_mnist_data",
+        "digit_classifier",
+        "model_evaluation",
+        "production_digit_classifier",
+        "batch_digit_predictions",
+        "digit_predictions",
+    }
+)
+
 #: Run config for a fast pipeline on generated data: a tiny CNN, one epoch.
 FAST_RUN_CONFIG = {
     "ops": {

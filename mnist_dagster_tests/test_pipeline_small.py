@@ -8,7 +8,7 @@ import mlflow
 from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
 from mnist_dagster.serving import bundle
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, pipeline_assets_and_checks
+from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
 
 
 def materialize_all(resources, instance, run_config=FAST_RUN_CONFIG):
@@ -25,15 +25,7 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     result = materialize_all(dev_test_resources, instance)
     assert result.success
     materialized = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
-    assert materialized == {
-        "raw_mnist_data",
-        "processed_mnist_data",
-        "digit_classifier",
-        "model_evaluation",
-        "production_digit_classifier",
-        "batch_digit_predictions",
-        "digit_predictions",
-    }
+    assert materialized == PIPELINE_ASSETS
     assert all(check.passed for check in result.get_asset_check_evaluations())
 
     evaluation = result.asset_materializations_for_node("model_evaluation")[0].metadata

@@ -22,25 +22,16 @@ from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.serving import INBOX_PREFIX, SERVING_ROOT, bundle
 from mnist_dagster.storage import S3Store, StorageSettingsError, open_store
-from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, generated_digits, pipeline_assets_and_checks
+from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, PIPELINE_ASSETS, generated_digits, pipeline_assets_and_checks
 from mnist_dagster_tests.s3_server import bucket_keys, prod_env, s3_endpoint  # noqa: F401 - fixtures
 
-ASSETS = {
-    "raw_mnist_data",
-    "processed_mnist_data",
-    "digit_classifier",
-    "model_evaluation",
-    "production_digit_classifier",
-    "batch_digit_predictions",
-    "digit_predictions",
-}
 
 
 def materialize_pipeline(resources: dict, instance) -> dg.ExecuteInProcessResult:
     assets, checks = pipeline_assets_and_checks()
     result = dg.materialize([*assets, *checks], resources=resources, instance=instance, run_config=FAST_RUN_CONFIG)
     assert result.success
-    assert {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()} == ASSETS
+    assert {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()} == PIPELINE_ASSETS
     return result
 
 

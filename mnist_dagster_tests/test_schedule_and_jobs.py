@@ -20,17 +20,8 @@ from mnist_dagster.assets.automation import TRANSIENT_IO_RETRY
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.jobs.ml_jobs import TIMEZONE_ENV, nightly_batch_schedule, schedule_timezone
 from mnist_dagster.resources.mnist_source import MnistSource
-from mnist_dagster_tests.conftest import REPO_ROOT, pipeline_assets_and_checks
+from mnist_dagster_tests.conftest import PIPELINE_ASSETS, REPO_ROOT, pipeline_assets_and_checks
 
-ALL_ASSETS = {
-    "raw_mnist_data",
-    "processed_mnist_data",
-    "digit_classifier",
-    "model_evaluation",
-    "production_digit_classifier",
-    "batch_digit_predictions",
-    "digit_predictions",
-}
 
 
 def selected(defs: dg.Definitions, job_name: str) -> set[str]:
@@ -117,7 +108,7 @@ def test_everything_automatic_is_on_when_the_code_location_loads(dev_env):
 
 def test_jobs_cover_the_stages_people_launch_by_hand(dev_env):
     defs = build_defs("dev", dev_env)
-    assert selected(defs, "full_pipeline_job") == ALL_ASSETS
+    assert selected(defs, "full_pipeline_job") == PIPELINE_ASSETS
     assert selected(defs, "training_job") == {"digit_classifier", "model_evaluation", "production_digit_classifier"}
     assert selected(defs, "batch_inference_job") == {"batch_digit_predictions"}
 
