@@ -93,6 +93,8 @@ class Predictor:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle ONNX threads sleep instead of spinning: spinning steals the CPU the HTTP server needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(bundle.onnx, options, providers=["CPUExecutionProvider"])
             probabilities = self.predict_proba(np.zeros((1, 1, 28, 28), np.float32))

