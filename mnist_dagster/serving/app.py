@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from mnist_dagster.serving import SERVING_ROOT, preprocess, service
 from mnist_dagster.serving.prediction_log import PredictionLog
@@ -124,6 +125,9 @@ class DirectRoute(APIRoute):
         return self.endpoint
 
 
+NO_MODEL_DETAIL = "no model loaded yet: materialize digit_predictions to publish the production model to this store"
+
+
 class NoModel(Exception):
     """No bundle has been published to the serving location yet (or none loaded)."""
 
@@ -133,6 +137,7 @@ def create_app(
     root: str = SERVING_ROOT,
     poll_seconds: float = 1.0,
     prediction_log: PredictionLog | None = None,
+    fast_path: bool = True,
 ) -> FastAPI:
     """The service over `store`: serves the bundle `<root>/CURRENT.json` names, and follows it as it moves."""
     watcher = ModelWatcher(store, root, poll_seconds)
@@ -170,21 +175,31 @@ def create_app(
             for prediction in predictions:
                 prediction_log.record(now, prediction.model_version, prediction.digit, prediction.confidence, endpoint)
 
+    def answer_predict(body: bytes, content_type: str | None) -> tuple[int, bytes]:
+        """(status, JSON body) for one image; every refusal is a 4xx (or 503 without a model)."""
+        model = watcher.current
+        if model is None:
+            return 503, _detail(NO_MODEL_DETAIL)
+        try:
+            prediction = service.predict_request(model.predictor, body, content_type)
+        except InputError as error:
+            return error.status, _detail(str(error))
+        log([prediction], "predict")
+        return 200, json.dumps(prediction.as_dict()).encode()
+
     async def predict(request: Request) -> Response:
         """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
         `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
         preprocessed the MNIST way (see the description above)."""
-        model = current_model()
-        body = await _read_body(request)
-        prediction = service.predict_request(model.predictor, body, request.headers.get("content-type"))
-        log([prediction], "predict")
-        return Response(json.dumps(prediction.as_dict()), media_type="application/json")
+        body = await _read_body(request.receive, request.headers.get("content-length"))
+        status, payload = answer_predict(body, request.headers.get("content-type"))
+        return Response(payload, status_code=status, media_type="application/json")
 
     async def predict_batch(request: Request) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
         answers in the same order. One bad image fails the request, naming its index."""
         model = current_model()
-        body = await _read_body(request)
+        body = await _read_body(request.receive, request.headers.get("content-length"))
         predictions = await run_in_threadpool(
             service.predict_batch_request, model.predictor, body, request.headers.get("content-type")
         )
@@ -219,24 +234,67 @@ def create_app(
 
     @app.exception_handler(NoModel)
     async def no_model(_request: Request, _error: NoModel) -> JSONResponse:
-        detail = "no model loaded yet: materialize digit_predictions to publish the production model to this store"
-        return JSONResponse({"detail": detail}, status_code=503)
+        return JSONResponse({"detail": NO_MODEL_DETAIL}, status_code=503)
 
+    if fast_path:
+        app.add_middleware(PredictFastPath, answer=answer_predict)
     return app
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refusing more than `MAX_BODY_BYTES` before reading it where the length is declared."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise InputError(f"body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
+async def _read_body(receive, declared_length: str | None) -> bytes:
+    """The body from the ASGI `receive` channel, refusing more than `MAX_BODY_BYTES` (before reading,
+    where the length is declared)."""
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > MAX_BODY_BYTES:
+        raise InputError(f"body is {int(declared_length)} bytes; the limit is {MAX_BODY_BYTES}", 413)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise InputError(f"body is over the limit of {MAX_BODY_BYTES} bytes", 413)
         chunks.append(chunk)
+        more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+class PredictFastPath:
+    """ASGI middleware that hands `POST /predict` straight to `answer`, skipping routing, Request and
+    Response objects and the exception middleware: about 160 us of a 600 us request, measured here.
+    The FastAPI route of the same path documents it in OpenAPI and runs the same `answer` when the app is
+    built with `fast_path=False` (the tests check both give the same answers)."""
+
+    def __init__(self, app, answer) -> None:
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        content_type, length = headers.get(b"content-type"), headers.get(b"content-length")
+        try:
+            body = await _read_body(receive, length.decode("latin-1") if length else None)
+        except InputError as error:
+            status, payload = error.status, _detail(str(error))
+        except ClientDisconnect:
+            return
+        else:
+            status, payload = self.answer(body, content_type.decode("latin-1") if content_type else None)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _detail(message: str) -> bytes:
+    return json.dumps({"detail": message}).encode()
 
 
 def _api_description() -> str:

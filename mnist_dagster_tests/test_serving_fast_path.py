@@ -1,0 +1,79 @@
+"""`POST /predict` answers the same through the ASGI fast path as through the documented FastAPI route."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from mnist_dagster.serving import SERVING_ROOT, bundle
+from mnist_dagster.serving.app import create_app
+from mnist_dagster.storage import LocalStore
+from mnist_dagster_tests.serving_fixtures import generated_model, wait_for
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+DIGIT = np.zeros((28, 28))
+DIGIT[6:22, 12:16] = 255
+REQUESTS = {
+    "png": (_png(DIGIT), "image/png"),
+    "json": (json.dumps({"pixels": DIGIT.tolist()}).encode(), "application/json"),
+    "empty": (b"", "image/png"),
+    "not an image": (b"hello", "image/png"),
+    "wrong content type": (b"{}", "text/plain"),
+    "no content type": (b"{}", None),
+    "wrong shape": (json.dumps({"pixels": [[0] * 27] * 28}).encode(), "application/json"),
+    "out of range": (json.dumps({"pixels": [[300] * 28] * 28}).encode(), "application/json"),
+    "oversized": (b"\x89PNG" + b"0" * 1_100_000, "image/png"),
+}
+
+
+@pytest.fixture
+def clients(tmp_path):
+    """Two apps over one store with a published model: with and without the fast path."""
+    store = LocalStore(tmp_path)
+    bundle.publish(store, SERVING_ROOT, generated_model("7"))
+    apps = {name: create_app(store, poll_seconds=0.1, fast_path=fast) for name, fast in (("fast", True), ("route", False))}
+    with TestClient(apps["fast"]) as fast, TestClient(apps["route"]) as route:
+        for client in (fast, route):
+            wait_for(lambda c=client: c.get("/health").status_code == 200, message="a model loaded")
+        yield fast, route
+
+
+def _post(client: TestClient, body: bytes, content_type: str | None):
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/predict", content=body, headers=headers)
+    return response.status_code, response.headers["content-type"], response.json()
+
+
+@pytest.mark.parametrize("name", sorted(REQUESTS))
+def test_fast_path_and_route_give_the_same_answer(clients, name):
+    fast, route = clients
+    body, content_type = REQUESTS[name]
+    fast_answer, route_answer = _post(fast, body, content_type), _post(route, body, content_type)
+    assert fast_answer == route_answer
+    status, _, payload = fast_answer
+    if name in {"png", "json"}:
+        assert status == 200 and payload["model_version"] == "7" and 0 <= payload["digit"] <= 9
+    else:
+        assert 400 <= status < 500 and payload["detail"], payload
+
+
+def test_without_a_model_both_paths_say_503(tmp_path):
+    for fast in (True, False):
+        with TestClient(create_app(LocalStore(tmp_path), fast_path=fast)) as client:
+            response = client.post("/predict", content=REQUESTS["png"][0], headers={"content-type": "image/png"})
+            assert response.status_code == 503 and "no model loaded" in response.json()["detail"]
+
+
+def test_other_routes_pass_through_the_fast_path(clients):
+    fast, _ = clients
+    assert fast.get("/health").json()["model_version"] == "7"
+    assert "/predict" in fast.get("/openapi.json").json()["paths"]
