@@ -7,7 +7,13 @@ per class, with noise and small shifts, written as the four gzipped IDX files a 
 import gzip
 import hashlib
 import os
+import socket
 import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
@@ -75,6 +81,36 @@ def write_mnist_mirror(folder: Path, n_train: int = 1200, n_test: int = 300) -> 
     for name, array in arrays.items():
         write_idx_gz(folder / name, array)
     return {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in arrays}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves a folder without logging each request to the test output."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client closing early (torchvision probes each URL for redirects) is not news
+
+
+@contextmanager
+def serve_folder(folder: Path, handler: type[SimpleHTTPRequestHandler] = QuietHandler) -> Iterator[str]:
+    """An HTTP mirror of `folder` on 127.0.0.1 (what `MNIST_MIRRORS` points at); yields its base URL."""
+    server = _QuietServer(("127.0.0.1", 0), partial(handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session")

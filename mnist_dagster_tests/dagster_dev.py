@@ -14,20 +14,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from mnist_dagster_tests.conftest import REPO_ROOT, free_port
 
 #: Variables of this project and of Dagster that a developer's shell may set; the test sets its own.
 ISOLATED_PREFIXES = ("DAGSTER_", "MNIST_", "MLFLOW_", "SLACK_", "S3_", "AWS_")
@@ -36,34 +33,6 @@ TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 
 class DagsterDevError(RuntimeError):
     """`dagster dev` did not start, or a run went wrong; the message says what and where the logs are."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serve_folder(folder: Path) -> Iterator[str]:
-    """An HTTP mirror of `folder` on 127.0.0.1 (what `MNIST_MIRRORS` points at); yields its base URL."""
-
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
-            pass
-
-    class QuietServer(ThreadingHTTPServer):
-        def handle_error(self, request: object, client_address: object) -> None:
-            pass  # a client closing early (torchvision probes each URL for redirects) is not news
-
-    server = QuietServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def dotenv_overrides(folder: Path = REPO_ROOT) -> list[str]:

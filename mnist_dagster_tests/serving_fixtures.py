@@ -10,7 +10,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from mnist_dagster.serving.bundle import Bundle, Predictor, make_bundle
-from mnist_dagster_tests.conftest import generated_digits
+from mnist_dagster_tests.conftest import free_port, generated_digits
 
 GENERATED_ARCHITECTURE = {"channels": [4, 8], "hidden": 16, "epochs": 2, "batch_size": 64, "max_lr": 0.02}
 
@@ -117,12 +116,6 @@ def real_digits(real_mnist_dir) -> tuple[np.ndarray, np.ndarray]:
     """The real MNIST test images (uint8 N x 28 x 28) and labels."""
     _, _, images, labels = real_test_set(real_mnist_dir)
     return images, labels
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -2,9 +2,6 @@
 
 import gzip
 import io
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +9,7 @@ import pytest
 import torch
 
 from mnist_dagster.ml import data, evaluate, model, plots, train
-from mnist_dagster_tests.conftest import generated_digits, write_mnist_mirror
+from mnist_dagster_tests.conftest import generated_digits, serve_folder, write_mnist_mirror
 
 
 @pytest.fixture
@@ -20,17 +17,8 @@ def http_mirror(tmp_path):
     """A real HTTP mirror on 127.0.0.1 serving generated MNIST files; yields (base_url, folder, md5s)."""
     folder = tmp_path / "served"
     md5s = write_mnist_mirror(folder, n_train=200, n_test=50)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", folder, md5s
-    server.shutdown()
-    server.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
+    with serve_folder(folder) as url:
+        yield url, folder, md5s
 
 
 def test_fetch_downloads_over_http_and_verifies(http_mirror, tmp_path):

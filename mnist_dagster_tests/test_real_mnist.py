@@ -1,32 +1,20 @@
 """End to end on the real MNIST files, served by a mirror on 127.0.0.1, with the default config."""
 
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
 import dagster as dg
 import mlflow
 import pytest
 
 from mnist_dagster.resources import dev_resources
-from mnist_dagster_tests.conftest import pipeline_assets_and_checks
+from mnist_dagster_tests.conftest import pipeline_assets_and_checks, serve_folder
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def loopback_mirror(real_mnist_dir):
     """The shared MNIST folder served over HTTP, the way a public mirror serves it."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(real_mnist_dir)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(real_mnist_dir) as url:
+        yield url
 
 
 def test_default_pipeline_on_real_mnist_deploys_a_99_percent_model(loopback_mirror, tmp_path, instance):

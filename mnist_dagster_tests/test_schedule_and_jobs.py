@@ -2,12 +2,9 @@
 (`dagster.yaml`): what runs when, and what a transient failure does."""
 
 import datetime
-import functools
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -20,8 +17,13 @@ from mnist_dagster.assets.automation import TRANSIENT_IO_RETRY
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.jobs.ml_jobs import TIMEZONE_ENV, nightly_batch_schedule, schedule_timezone
 from mnist_dagster.resources.mnist_source import MnistSource
-from mnist_dagster_tests.conftest import PIPELINE_ASSETS, REPO_ROOT, pipeline_assets_and_checks
-
+from mnist_dagster_tests.conftest import (
+    PIPELINE_ASSETS,
+    REPO_ROOT,
+    QuietHandler,
+    pipeline_assets_and_checks,
+    serve_folder,
+)
 
 
 def selected(defs: dg.Definitions, job_name: str) -> set[str]:
@@ -133,7 +135,7 @@ def test_retries_only_where_a_second_attempt_can_help(dev_env):
     assert policies("batch_inference_job") == {"batch_digit_predictions": TRANSIENT_IO_RETRY}
 
 
-class FlakyMirror(SimpleHTTPRequestHandler):
+class FlakyMirror(QuietHandler):
     """Serves a folder, but answers the first request with 503, like a mirror having a bad minute."""
 
     failures_left = 1
@@ -145,19 +147,13 @@ class FlakyMirror(SimpleHTTPRequestHandler):
             return None
         return super().send_head()
 
-    def log_message(self, format, *args):  # noqa: A002
-        pass
-
 
 def test_a_transient_download_failure_is_retried(fake_mirror, dev_test_resources, instance, tmp_path):
     folder, md5s = fake_mirror
     served = tmp_path / "mirror"
     shutil.copytree(folder, served)
     FlakyMirror.failures_left = 1
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(FlakyMirror, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        mirror = f"http://127.0.0.1:{server.server_address[1]}"
+    with serve_folder(served, FlakyMirror) as mirror:
         assets, checks = pipeline_assets_and_checks()
         result = dg.materialize(
             [*assets, *checks],
@@ -165,9 +161,6 @@ def test_a_transient_download_failure_is_retried(fake_mirror, dev_test_resources
             resources={**dev_test_resources, "mnist_source": MnistSource(mirrors=mirror, md5s=md5s)},
             instance=instance,
         )
-    finally:
-        server.shutdown()
-        server.server_close()
     assert result.success
     retried = [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert len(retried) == 1 and FlakyMirror.failures_left == 0

@@ -26,6 +26,7 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
+from mnist_dagster_tests.conftest import serve_folder
 from mnist_dagster_tests.dagster_dev import (
     DagsterDev,
     dotenv_overrides,
@@ -33,7 +34,6 @@ from mnist_dagster_tests.dagster_dev import (
     format_events,
     isolated_env,
     running_dagster_dev,
-    serve_folder,
     write_instance_home,
 )
 
