@@ -57,3 +57,31 @@ def test_loading_the_code_location_imports_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"heavy modules imported at load: {out}"
+
+
+def test_the_package_is_a_target_for_dagster_asset_materialize(tmp_path, real_mnist_dir):
+    """`-m mnist_dagster`, as Dagster users type it by habit, loads the code location and materializes
+    (`raw_mnist_data`, from the local folder of real MNIST files)."""
+    import os
+
+    from mnist_dagster_tests.dagster_dev import isolated_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = isolated_env(
+        {
+            "DAGSTER_HOME": str(home),
+            "MNIST_DATA_DIR": str(tmp_path / "data"),
+            "MNIST_MIRRORS": str(real_mnist_dir),
+            "MNIST_DEVICE": "cpu",
+        }
+    )
+    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "mnist_dagster", "--select", "raw_mnist_data"]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "RUN_SUCCESS" in output
+    assert (tmp_path / "data" / "assets" / "raw_mnist_data.pt").is_file()
+    assert os.listdir(home)  # the run was recorded in the instance it was given

@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import dagster as dg
 import pytest
 
@@ -203,7 +208,7 @@ def validate(env: dict[str, str], *target: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("env", "target"),
     [
-        ({"DAGSTER_DEPLOYMENT": "dev"}, ("-m", "mnist_dagster", "-a", "defs")),
+        ({"DAGSTER_DEPLOYMENT": "dev"}, ("-m", "mnist_dagster")),  # the package, as users type it by habit
         ({"DAGSTER_DEPLOYMENT": "prod", **PROD_ENV}, ("-m", "mnist_dagster", "-a", "defs")),
         ({**BRANCH, **PROD_ENV}, ("-w", "workspace.yaml")),
     ],
@@ -226,7 +231,6 @@ def test_dagster_plus_config_deploys_this_code_location():
     """dagster_cloud.yaml (dagster-cloud CLI, CI actions), pyproject's [tool.dg] (`dg plus deploy`) and
     workspace.yaml (`dagster dev`) name the same location and the same module, and that module loads."""
     import importlib
-    import tomllib
 
     import yaml
     from dagster_cloud_cli.config.models import load_dagster_cloud_yaml
@@ -234,8 +238,16 @@ def test_dagster_plus_config_deploys_this_code_location():
     cloud = load_dagster_cloud_yaml((REPO_ROOT / "dagster_cloud.yaml").read_text())  # the CLI's own schema
     (location,) = cloud.locations
     workspace = yaml.safe_load((REPO_ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
-    dg_project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["dg"]["project"]
+    tool = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]
+    dg_project = tool["dg"]["project"]
     assert location.location_name == workspace["location_name"] == dg_project.get("code_location_name")
-    assert location.code_source.module_name == dg_project["code_location_target_module"]
+    assert location.location_name == tool["dagster"]["code_location_name"]
+    modules = {
+        "dagster_cloud.yaml": location.code_source.module_name,
+        "workspace.yaml": workspace["module_name"],
+        "[tool.dagster]": tool["dagster"]["module_name"],
+        "[tool.dg.project]": dg_project["code_location_target_module"],
+    }
+    assert set(modules.values()) == {"mnist_dagster.definitions"}, modules
     assert (REPO_ROOT / location.build.directory / "Dockerfile").is_file()
     assert isinstance(importlib.import_module(location.code_source.module_name).defs, dg.Definitions)
