@@ -30,6 +30,32 @@ def test_fetch_downloads_over_http_and_verifies(http_mirror, tmp_path):
     assert tensors["test_labels"].shape == (50,) and tensors["test_labels"].dtype == torch.int64
 
 
+def test_read_ignores_a_stale_decompressed_file_in_the_cache(http_mirror, tmp_path):
+    """The root cause of prod training other images than dev: the download cache (shared by every prod
+    process on a machine) held a decompressed file of another dataset beside the verified `.gz`, and
+    reading trusted it. What is read must be what was verified."""
+    url, _, md5s = http_mirror
+    cache = tmp_path / "cache"
+    other = write_mnist_mirror(tmp_path / "other", n_train=30, n_test=10)  # another MNIST-format dataset
+    assert other != md5s
+    for name in md5s:  # its decompressed files left in the cache by an earlier run
+        (cache / name.removesuffix(".gz")).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name.removesuffix(".gz")).write_bytes(gzip.decompress((tmp_path / "other" / name).read_bytes()))
+    data.fetch_mnist([url], cache, md5s)
+    tensors = data.read_mnist(cache)
+    expected_images, expected_labels = generated_digits(200, seed=1)  # what write_mnist_mirror serves for train
+    assert tensors["train_images"].shape == (200, 28, 28)
+    assert torch.equal(tensors["train_images"], torch.from_numpy(expected_images))
+    assert torch.equal(tensors["train_labels"], torch.from_numpy(expected_labels).long())
+
+
+def test_read_idx_refuses_what_is_not_uint8_idx():
+    with pytest.raises(ValueError, match="not a uint8 IDX file"):
+        data.read_idx(b"\x00\x00\x0d\x01" + (4).to_bytes(4, "big") + b"\x00" * 16, "floats.idx")
+    with pytest.raises(ValueError, match="header says"):
+        data.read_idx(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x00" * 4, "short.idx")
+
+
 def test_corrupt_download_is_rejected_and_never_lands(http_mirror, tmp_path):
     url, folder, md5s = http_mirror
     corrupt = folder / "train-images-idx3-ubyte.gz"

@@ -5,8 +5,10 @@ Plain PyTorch (and torchvision's MNIST machinery for the download); no Dagster h
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -18,8 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from torchvision.datasets import MNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+from torchvision.datasets.utils import check_integrity, download_url
 
 #: The public mirrors torchvision downloads from, tried in order.
 DEFAULT_MIRRORS: tuple[str, ...] = tuple(MNIST.mirrors)
@@ -108,19 +109,33 @@ def _is_url(source: str) -> bool:
 
 
 def read_mnist(folder: Path) -> dict[str, torch.Tensor]:
-    """The four verified files as uint8 images (N, 28, 28) and int64 labels (N,)."""
+    """The four verified `.gz` files as uint8 images (N, 28, 28) and int64 labels (N,).
+
+    Read straight from the `.gz` files that `fetch_mnist` verified, never from a decompressed copy
+    beside them: the download folder is a cache that outlives runs (and, in prod, is shared by every
+    process on the machine), so a decompressed file there may belong to another dataset. Trusting one
+    once made prod train on other images than dev from the same mirror.
+    """
     tensors = {}
     for filename in MNIST_FILES:
-        raw = folder / filename.removesuffix(".gz")
-        if not raw.exists():
-            extract_archive(str(folder / filename), str(folder))
-        reader = read_image_file if "images" in filename else read_label_file
         split = "train" if filename.startswith("train") else "test"
         kind = "images" if "images" in filename else "labels"
-        tensors[f"{split}_{kind}"] = reader(str(raw)).clone()
+        tensors[f"{split}_{kind}"] = read_idx(gzip.decompress((folder / filename).read_bytes()), filename)
     tensors["train_labels"] = tensors["train_labels"].long()
     tensors["test_labels"] = tensors["test_labels"].long()
     return tensors
+
+
+def read_idx(data: bytes, name: str = "IDX data") -> torch.Tensor:
+    """A uint8 IDX array (the MNIST file format: a magic number, big-endian dimensions, raw bytes)."""
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{name} is not a uint8 IDX file (magic {data[:4].hex()})")
+    ndim = data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) - offset != math.prod(dims):
+        raise ValueError(f"{name}: header says {dims}, but holds {len(data) - offset} bytes")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=offset).reshape(dims).copy())
 
 
 def read_labelled_batch(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
