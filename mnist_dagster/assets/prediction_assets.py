@@ -5,18 +5,14 @@ bundle that `production_digit_classifier` deployed past the gate, never a candid
 lives in `mnist_dagster.serving` (no Dagster there); these assets run it and describe what happened.
 """
 
-import os
-import time
-
 import dagster as dg
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.serving import SERVING_ROOT
-
-SERVING_URL_ENV = "MNIST_SERVING_URL"  # a running `mnist-dagster serve` that digit_predictions also checks
 
 
 def _production_bundle(storage: StorageResource):
@@ -113,8 +109,8 @@ def _low_confidence_grid(result, count: int) -> dg.MarkdownMetadataValue:
 
 class ServingCheckConfig(dg.Config):
     check_images: int = 1000  # held-out test images sent through the server's code path before publishing
-    max_accuracy_drop: float = 0.01  # allowed gap between that accuracy and the bundle's recorded test accuracy
-    http_check_images: int = 100  # of those, how many are also sent to MNIST_SERVING_URL when it is set
+    probability_tolerance: float = 1e-4  # allowed gap between served and model probabilities on one image
+    http_check_images: int = 100  # of those, how many are also sent to the running server, when there is one
     http_timeout_seconds: float = 60.0  # how long the running server may take to pick up the new version
 
 
@@ -127,105 +123,74 @@ class ServingCheckConfig(dg.Config):
     automation_condition=RETRAIN_ON_NEW_DATA.ignore(dg.AssetSelection.assets("raw_mnist_data")),
 )
 def digit_predictions(
-    context: dg.AssetExecutionContext, config: ServingCheckConfig, storage: StorageResource, raw_mnist_data: dict
+    context: dg.AssetExecutionContext,
+    config: ServingCheckConfig,
+    storage: StorageResource,
+    serving_endpoint: ServingEndpoint,
+    raw_mnist_data: dict,
 ) -> dg.MaterializeResult:
     """The real-time endpoint's model: publishes the production bundle to the serving location, where
     `mnist-dagster serve` picks it up without a restart.
 
-    Before publishing, real held-out test images (as PNG, the way clients send them) go through the
-    same functions the server runs for `POST /predict`; a serving-path accuracy below the model's test
-    accuracy means preprocessing does not match training, and nothing is published. When
-    `MNIST_SERVING_URL` names a running server, it must then serve the new version within the timeout.
+    Before publishing, held-out test images (as PNG, the way clients send them) go through the server's
+    own request code, which must answer what the model answers on the same pixels; otherwise the
+    server's preprocessing is not the training's, and nothing is published. When `MNIST_SERVING_URL`
+    names a running server, it must then serve the new version within the timeout.
     """
-    import numpy as np
-
-    from mnist_dagster.serving import bundle, service
-    from mnist_dagster.serving.preprocess import encode_png
+    from mnist_dagster.serving import check
+    from mnist_dagster.serving.bundle import BundleError, Predictor
 
     production = _production_bundle(storage)
-    predictor = service.load_predictor(production)
     images = raw_mnist_data["test_images"][: config.check_images].numpy()
     labels = raw_mnist_data["test_labels"][: config.check_images].numpy()
-    pngs = [encode_png(image) for image in images]
-    digits, latencies = _predict_through_server_code(predictor, pngs)
-    accuracy = float(np.mean(digits == labels))
-    recorded = production.manifest.get("test_accuracy")
-    if recorded is not None and accuracy < recorded - config.max_accuracy_drop:
+    try:
+        path = check.check_serving_path(Predictor(production), images, labels, config.probability_tolerance)
+    except check.ServingCheckError as error:
         raise dg.Failure(
-            f"Not published: the serving path gets {accuracy:.4f} on {len(labels)} test images, but the model's "
-            f"test accuracy is {recorded:.4f}; the server's preprocessing does not match training.",
-            metadata={"model_version": production.version, "serving_path_accuracy": accuracy},
-            allow_retries=False,  # the same model fails the same way
-        )
-
+            f"Not published: {error}.",
+            metadata={"model_version": production.version},
+            allow_retries=False,  # the same model and code fail the same way
+        ) from error
     store = storage.open()
-    bundle.publish(store, SERVING_ROOT, production)
-    if bundle.current_version(store, SERVING_ROOT) != production.version:
-        raise dg.Failure(f"Published version {production.version}, but {SERVING_ROOT}/CURRENT.json names another")
-    bundle.load(store, SERVING_ROOT, production.version)  # reads back and verifies the checksum
+    try:
+        check.publish_and_verify(store, SERVING_ROOT, production)
+    except (check.ServingCheckError, BundleError) as error:
+        raise dg.Failure(f"Publishing version {production.version} failed its read-back: {error}") from error
     context.log.info(f"Published model version {production.version} to {store.uri(SERVING_ROOT)}")
 
+    recorded = production.manifest.get("test_accuracy")
     metadata = {
         "model_version": production.version,
         "serving_location": dg.MetadataValue.path(store.uri(SERVING_ROOT)),
-        "check_images": len(labels),
-        "accuracy": accuracy,
+        "check_images": path.images,
+        "disagreements": path.disagreements,
+        "max_probability_gap": path.max_probability_gap,
+        "accuracy": path.accuracy,
         "recorded_test_accuracy": recorded if recorded is not None else "unknown",
-        "latency_p50_ms": _percentile_ms(latencies, 50),
-        "latency_p99_ms": _percentile_ms(latencies, 99),
+        "latency_p50_ms": check.percentile_ms(path.latencies, 50),
+        "latency_p99_ms": check.percentile_ms(path.latencies, 99),
     }
-    url = os.environ.get(SERVING_URL_ENV, "").strip()
-    if url:
-        metadata |= _check_over_http(context, url, production.version, pngs[: config.http_check_images], digits, config)
+    if serving_endpoint.configured:
+        metadata |= _check_live_server(context, serving_endpoint.url, production.version, images, path.digits, config)
     else:
-        metadata["http_check"] = f"skipped: {SERVING_URL_ENV} is not set"
+        metadata["http_check"] = "skipped: no running server to check (MNIST_SERVING_URL is not set)"
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(production.version))
 
 
-def _predict_through_server_code(predictor, pngs: list[bytes]):
-    """Each PNG through `service.predict_request`, the function behind `POST /predict`, timed one by one."""
-    import numpy as np
-
-    from mnist_dagster.serving import service
-
-    digits, latencies = [], []
-    for png in pngs:
-        started = time.perf_counter()
-        digits.append(service.predict_request(predictor, png, "image/png").digit)
-        latencies.append(time.perf_counter() - started)
-    return np.array(digits), latencies
-
-
-def _check_over_http(context, url: str, version: str, pngs: list[bytes], expected, config: ServingCheckConfig) -> dict:
+def _check_live_server(context, url: str, version: str, images, digits, config: ServingCheckConfig) -> dict:
     """The running server serves `version` within the timeout and gives the same digits as the check."""
-    from mnist_dagster.serving import client
+    from mnist_dagster.serving import check
 
+    count = config.http_check_images
     try:
-        client.wait_for_version(url, version, config.http_timeout_seconds)
-        latencies, mismatches = [], []
-        for index, png in enumerate(pngs):
-            started = time.perf_counter()
-            answer = client.predict_png(url, png)
-            latencies.append(time.perf_counter() - started)
-            if answer["model_version"] != version or answer["digit"] != int(expected[index]):
-                mismatches.append(f"image {index}: got {answer['digit']} from version {answer['model_version']}")
-    except (client.ServingCheckError, OSError) as error:
+        live = check.check_live_server(url, version, images[:count], digits[:count], config.http_timeout_seconds)
+    except (check.ServingCheckError, OSError) as error:
         # Already waited http_timeout_seconds; a retry would only repeat the wait.
         raise dg.Failure(f"HTTP check of {url} failed: {error}", allow_retries=False) from error
-    if mismatches:
-        raise dg.Failure(
-            f"{url} answers differently from the published model: {'; '.join(mismatches[:5])}", allow_retries=False
-        )
-    context.log.info(f"{url} serves version {version} and agrees on {len(pngs)} test images")
+    context.log.info(f"{url} serves version {version} and agrees on {live.images} test images")
     return {
         "http_check": f"{url} serves version {version}",
-        "http_check_images": len(pngs),
-        "http_latency_p50_ms": _percentile_ms(latencies, 50),
-        "http_latency_p99_ms": _percentile_ms(latencies, 99),
+        "http_check_images": live.images,
+        "http_latency_p50_ms": check.percentile_ms(live.latencies, 50),
+        "http_latency_p99_ms": check.percentile_ms(live.latencies, 99),
     }
-
-
-def _percentile_ms(seconds: list[float], percentile: float) -> float:
-    import numpy as np
-
-    return round(float(np.percentile(seconds, percentile)) * 1000, 3) if seconds else 0.0

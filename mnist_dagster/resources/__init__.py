@@ -21,6 +21,7 @@ from mnist_dagster.resources.compute import ComputeResource, check_device
 from mnist_dagster.resources.io_manager import TensorIOManager
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.mnist_source import MnistSource
+from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.slack import slack_alerts
 from mnist_dagster.resources.storage import LocalStorage, StorageResource
 from mnist_dagster.storage import default_data_dir
@@ -55,10 +56,12 @@ def branch_slug(env: Mapping[str, str] = os.environ) -> str:
 
 
 def _compute_and_source(env: Mapping[str, str]) -> dict[str, object]:
-    """What dev and prod share: the MNIST mirrors and the device (`MNIST_DEVICE` checked here, at load)."""
+    """What dev and prod share: the MNIST mirrors, the device (`MNIST_DEVICE` checked here, at load), and
+    the endpoint to check after publishing (`MNIST_SERVING_URL`)."""
     return {
         "mnist_source": MnistSource(mirrors=env.get("MNIST_MIRRORS", "")),
         "compute": ComputeResource(device=check_device(env.get("MNIST_DEVICE", "").strip() or "auto")),
+        "serving_endpoint": ServingEndpoint(url=env.get("MNIST_SERVING_URL", "").strip()),
     }
 
 

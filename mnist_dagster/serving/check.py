@@ -1,0 +1,112 @@
+"""Before a model reaches the endpoint: does the serving path answer what the model answers?
+
+`digit_predictions` runs these (no Dagster here) and turns a `ServingCheckError` into a failed step.
+The question is faithfulness, not accuracy: each test image goes, as a PNG the way clients send it,
+through the very function behind `POST /predict`, and the answer must be the model's own answer on the
+same pixels (same digit, probabilities within a tolerance). An accuracy is reported for a person to
+read, never compared: a sample of 1,000 images can be harder than the 10k test set, and refusing on
+that would refuse good models by chance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mnist_dagster.serving import bundle as bundles
+from mnist_dagster.serving import client, service
+from mnist_dagster.serving.client import ServingCheckError
+from mnist_dagster.serving.preprocess import MNIST_SIDE, encode_png
+from mnist_dagster.storage import Store
+
+#: The server rounds probabilities to 6 decimals; anything larger than this is a different computation.
+PROBABILITY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class PathCheck:
+    """What the serving path answered on the check images, against the model's own answers."""
+
+    digits: np.ndarray  # the serving path's digit per image
+    disagreements: int  # images where that digit is not the model's own
+    max_probability_gap: float  # largest |served - model| probability over all images and classes
+    accuracy: float | None  # the serving path's accuracy on these images' labels (reported, not compared)
+    latencies: list[float]  # seconds per request through the server's code
+
+    @property
+    def images(self) -> int:
+        return len(self.digits)
+
+
+def check_serving_path(
+    predictor: bundles.Predictor,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    tolerance: float = PROBABILITY_TOLERANCE,
+) -> PathCheck:
+    """`images` (uint8 N x 28 x 28, MNIST format) through the server's request code, compared with the
+    model on the same pixels; raises `ServingCheckError` on any difference beyond `tolerance`."""
+    model_answers = predictor.predict_proba(images.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE).astype(np.float32) / 255)
+    served, latencies = _through_the_server_code(predictor, [encode_png(image) for image in images])
+    digits = served.argmax(axis=1)
+    check = PathCheck(
+        digits=digits,
+        disagreements=int((digits != model_answers.argmax(axis=1)).sum()),
+        max_probability_gap=float(np.abs(served - model_answers).max()) if len(images) else 0.0,
+        accuracy=float(np.mean(digits == labels)) if labels is not None and len(images) else None,
+        latencies=latencies,
+    )
+    if check.disagreements or check.max_probability_gap > tolerance:
+        raise ServingCheckError(
+            f"the serving path answers differently from the model on the same {check.images} test images: "
+            f"{check.disagreements} different digits, largest probability gap {check.max_probability_gap:.3g} "
+            f"(tolerance {tolerance:g}); the server's preprocessing does not give the model the pixels it was "
+            "trained on"
+        )
+    return check
+
+
+def _through_the_server_code(predictor: bundles.Predictor, pngs: list[bytes]) -> tuple[np.ndarray, list[float]]:
+    """Each PNG through `service.predict_request`, the function behind `POST /predict`, timed one by one."""
+    probabilities, latencies = [], []
+    for png in pngs:
+        started = time.perf_counter()
+        probabilities.append(service.predict_request(predictor, png, "image/png").probabilities)
+        latencies.append(time.perf_counter() - started)
+    return np.array(probabilities, dtype=np.float64).reshape(-1, 10), latencies
+
+
+def publish_and_verify(store: Store, root: str, bundle: bundles.Bundle) -> None:
+    """Publish `bundle` under `root`, then read it back the way the server will (pointer, files, checksum)."""
+    bundles.publish(store, root, bundle)
+    if bundles.current_version(store, root) != bundle.version:
+        raise ServingCheckError(f"published version {bundle.version}, but {root}/{bundles.POINTER} names another")
+    bundles.load(store, root, bundle.version)  # raises BundleError on a missing file or a bad checksum
+
+
+@dataclass(frozen=True)
+class LiveCheck:
+    url: str
+    images: int
+    latencies: list[float]
+
+
+def check_live_server(url: str, version: str, images: np.ndarray, expected: np.ndarray, timeout: float) -> LiveCheck:
+    """The running server at `url` serves `version` within `timeout` seconds and answers `expected` digits."""
+    client.wait_for_version(url, version, timeout)
+    latencies, mismatches = [], []
+    for index, image in enumerate(images):
+        started = time.perf_counter()
+        answer = client.predict_png(url, encode_png(image))
+        latencies.append(time.perf_counter() - started)
+        if answer["model_version"] != version or answer["digit"] != int(expected[index]):
+            mismatches.append(f"image {index}: got {answer['digit']} from version {answer['model_version']}")
+    if mismatches:
+        raise ServingCheckError(f"{url} answers differently from the published model: {'; '.join(mismatches[:5])}")
+    return LiveCheck(url, len(images), latencies)
+
+
+def percentile_ms(seconds: list[float], percentile: float) -> float:
+    return round(float(np.percentile(seconds, percentile)) * 1000, 3) if seconds else 0.0
