@@ -59,22 +59,16 @@ def train_default_cnn(mnist: dict, train_images: int) -> tuple[Bundle, dict]:
     """One epoch of the production architecture on real data: a real model in well under a minute."""
     import torch
 
-    from mnist_dagster.assets.model_assets import TrainingConfig
-    from mnist_dagster.ml import data, model, train
+    from mnist_dagster.ml import data, model
+    from mnist_dagster.ml.config import TrainingConfig
+    from mnist_dagster.ml.train import fit
 
-    config = TrainingConfig(epochs=1)
     raw = {name: torch.from_numpy(array) for name, array in mnist.items()}
     raw["train_images"], raw["train_labels"] = raw["train_images"][:train_images], raw["train_labels"][:train_images]
     split = data.normalise_and_split(raw, val_fraction=0.1, seed=0)
-    train.seed_everything(config.seed)
-    net = model.build_model(config.architecture())
-    started = time.perf_counter()
-    train.train(net, split.train_images, split.train_labels, split.val_images, split.val_labels, config.settings())
-    print(
-        f"trained the default CNN for 1 epoch on {len(split.train_labels)} images in {time.perf_counter() - started:.1f} s"
-    )
-    checkpoint = model.make_checkpoint(net, config.architecture(), split.mean, split.std)
-    return make_bundle("benchmark", model.export_onnx(checkpoint)), checkpoint
+    trained = fit(split, TrainingConfig(epochs=1))
+    print(f"trained the default CNN for 1 epoch on {len(split.train_labels)} images in {trained.seconds:.1f} s")
+    return make_bundle("benchmark", model.export_onnx(trained.checkpoint)), trained.checkpoint
 
 
 def accuracy(bundle: Bundle, images: np.ndarray, labels: np.ndarray) -> float:

@@ -31,8 +31,8 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mnist_dagster.assets.model_assets import TrainingConfig  # noqa: E402
-from mnist_dagster.ml import data, evaluate, model, train  # noqa: E402
+from mnist_dagster.ml import data, evaluate, train  # noqa: E402
+from mnist_dagster.ml.config import TrainingConfig  # noqa: E402
 
 
 class PytorchExamplesNet(nn.Module):
@@ -101,13 +101,8 @@ def peer_epoch_seconds(factory, make_optimizer, batch_size: int, images: torch.T
 
 def train_ours(split: data.NormalisedSplit, seed: int) -> tuple[float, float]:
     """(test accuracy, training seconds) for the default config with `seed`, as the asset trains it."""
-    config = TrainingConfig(seed=seed)
-    train.seed_everything(seed)
-    net = model.build_model(config.architecture())
-    started = time.perf_counter()
-    train.train(net, split.train_images, split.train_labels, split.val_images, split.val_labels, config.settings("cpu"))
-    seconds = time.perf_counter() - started
-    return evaluate.evaluate(net, split.test_images, split.test_labels).accuracy, seconds
+    trained = train.fit(split, TrainingConfig(seed=seed), device="cpu")
+    return evaluate.evaluate(trained.model, split.test_images, split.test_labels).accuracy, trained.seconds
 
 
 def materialize_all_seconds(mnist_dir: Path) -> tuple[float, float, float]:

@@ -34,14 +34,13 @@ def train_bundle(
     version: str,
     **training: object,
 ) -> Bundle:
-    """Train through `mnist_dagster.ml` as `digit_classifier` does; the bundle records its real test accuracy."""
+    """Train through `ml.train.fit`, as `digit_classifier` does; the bundle records its real test accuracy."""
     import torch
 
-    from mnist_dagster.assets.model_assets import TrainingConfig
     from mnist_dagster.ml import data, model
-    from mnist_dagster.ml import train as training_loop
+    from mnist_dagster.ml.config import TrainingConfig
+    from mnist_dagster.ml.train import fit
 
-    config = TrainingConfig(**training)
     raw = {
         "train_images": torch.from_numpy(train[0]),
         "train_labels": torch.from_numpy(train[1].astype(np.int64)),
@@ -49,12 +48,7 @@ def train_bundle(
         "test_labels": torch.from_numpy(test[1].astype(np.int64)),
     }
     split = data.normalise_and_split(raw, val_fraction=0.1, seed=0)
-    training_loop.seed_everything(config.seed)
-    net = model.build_model(config.architecture())
-    training_loop.train(
-        net, split.train_images, split.train_labels, split.val_images, split.val_labels, config.settings()
-    )
-    onnx = model.export_onnx(model.make_checkpoint(net, config.architecture(), split.mean, split.std))
+    onnx = model.export_onnx(fit(split, TrainingConfig.from_mapping(training)).checkpoint)
     unversioned = make_bundle(version, onnx)
     accuracy = float((predict_digits(Predictor(unversioned), test[0]) == test[1]).mean())
     return make_bundle(version, onnx, test_accuracy=accuracy)
@@ -74,11 +68,11 @@ def generated_model(version: str = "1") -> Bundle:
 
 def untrained_bundle(version: str, claimed_accuracy: float) -> Bundle:
     """A random-weight model whose manifest claims an accuracy it does not have."""
-    from mnist_dagster.assets.model_assets import TrainingConfig
     from mnist_dagster.ml import model
+    from mnist_dagster.ml.config import TrainingConfig
 
-    architecture = TrainingConfig(**GENERATED_ARCHITECTURE).architecture()
-    onnx = model.export_onnx(model.make_checkpoint(model.build_model(architecture), architecture, 0.1, 0.3))
+    architecture = model.ModelConfig.from_training(TrainingConfig.from_mapping(GENERATED_ARCHITECTURE))
+    onnx = model.export_onnx(model.make_checkpoint(model.DigitCNN(architecture), architecture, 0.1, 0.3))
     return make_bundle(version, onnx, test_accuracy=claimed_accuracy)
 
 

@@ -4,13 +4,19 @@ GPU tests skip cleanly (with the reason) on machines without CUDA; the CPU-path 
 pin down that mixed precision never touches the CPU path.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
 import dagster as dg
 import numpy as np
 import pytest
 import torch
 
 from mnist_dagster.ml import train
-from mnist_dagster.ml.model import ModelConfig, build_model, load_checkpoint, make_checkpoint
+from mnist_dagster.ml.config import TrainingConfig
+from mnist_dagster.ml.data import NormalisedSplit
+from mnist_dagster.ml.model import load_checkpoint
 from mnist_dagster.resources import prod_resources
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.mnist_source import MnistSource
@@ -20,7 +26,7 @@ from mnist_dagster_tests.s3_server import prod_env, s3_endpoint  # noqa: F401 - 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 needs_no_cuda = pytest.mark.skipif(HAS_CUDA, reason="checks behaviour on a machine without CUDA")
-SMALL = ModelConfig(channels=(8, 16), hidden=32)
+SMALL = TrainingConfig(channels=(8, 16), hidden=32, batch_size=64, max_lr=0.02)
 
 
 def small_dataset(count: int = 1200, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,35 +35,42 @@ def small_dataset(count: int = 1200, seed: int = 1) -> tuple[torch.Tensor, torch
     return (pixels - pixels.mean()) / pixels.std(), torch.from_numpy(labels).long()
 
 
-def first_conv_output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
-    """Records the dtype the first convolution computes in, on every forward pass."""
+def small_split() -> NormalisedSplit:
+    (x, y), (val_x, val_y) = small_dataset(), small_dataset(300, seed=2)
+    return NormalisedSplit(x, y, val_x, val_y, val_x, val_y, mean=0.0, std=1.0)
+
+
+@contextmanager
+def convolution_dtypes() -> Iterator[list[torch.dtype]]:
+    """Records the dtype every convolution computes in, on every forward pass, while the block runs."""
     seen: list[torch.dtype] = []
-    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    first_conv.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
-    return seen
+
+    def record(module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            seen.append(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def train_small(device: str, mixed_precision: bool = True, epochs: int = 2):
-    torch.manual_seed(0)
-    model = build_model(SMALL)
-    dtypes = first_conv_output_dtypes(model)
-    x, y = small_dataset()
-    val_x, val_y = small_dataset(300, seed=2)
-    settings = train.TrainSettings(
-        epochs=epochs, batch_size=64, max_lr=0.02, device=device, mixed_precision=mixed_precision
-    )
-    history = train.train(model, x, y, val_x, val_y, settings)
-    return model, history, dtypes, (val_x, val_y)
+    split = small_split()
+    with convolution_dtypes() as dtypes:
+        trained = train.fit(split, replace(SMALL, epochs=epochs), device, mixed_precision)
+    return trained, dtypes, (split.val_images, split.val_labels)
 
 
 # --- the CPU path, everywhere ------------------------------------------------------------------
 
 
 def test_cpu_path_trains_in_float32_even_with_mixed_precision_on():
-    model, history, dtypes, _ = train_small("cpu", mixed_precision=True, epochs=1)
+    trained, dtypes, _ = train_small("cpu", mixed_precision=True, epochs=1)
     assert dtypes and set(dtypes) == {torch.float32}
-    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
-    assert history[-1].val_accuracy > 0.5  # it learned something: the path is real, not skipped
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in trained.model.parameters())
+    assert trained.history[-1].val_accuracy > 0.5  # it learned something: the path is real, not skipped
 
 
 @needs_no_cuda
@@ -94,14 +107,14 @@ def test_cuda_training_uses_pinned_memory_and_bf16_autocast(monkeypatch):
         return original(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", spy)
-    model, history, dtypes, (val_x, val_y) = train_small("cuda", mixed_precision=True)
+    trained, dtypes, (val_x, val_y) = train_small("cuda", mixed_precision=True)
+    model, checkpoint = trained.model, trained.checkpoint
     assert (1200, 1, 28, 28) in pinned  # the training set went to the GPU once, through pinned memory
     assert torch.bfloat16 in dtypes  # convolutions ran under bf16 autocast
     assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
-    assert history[-1].val_accuracy > 0.9
+    assert trained.history[-1].val_accuracy > 0.9
 
     # The checkpoint is device-free: it loads on the CPU and predicts what the GPU model predicts.
-    checkpoint = make_checkpoint(model, SMALL, 0.0, 1.0)
     assert all(t.device.type == "cpu" for t in checkpoint["state_dict"].values())
     cpu_model, _ = load_checkpoint(checkpoint, "cpu")
     gpu_predictions = train.predict_logits(model, val_x, device="cuda").argmax(1)
@@ -111,9 +124,9 @@ def test_cuda_training_uses_pinned_memory_and_bf16_autocast(monkeypatch):
 
 @needs_cuda
 def test_cuda_without_mixed_precision_trains_in_float32():
-    _, history, dtypes, _ = train_small("cuda", mixed_precision=False, epochs=1)
+    trained, dtypes, _ = train_small("cuda", mixed_precision=False, epochs=1)
     assert set(dtypes) == {torch.float32}
-    assert history[-1].val_accuracy > 0.5
+    assert trained.history[-1].val_accuracy > 0.5
 
 
 @needs_cuda

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from mnist_dagster.ml import data, evaluate, model, plots, train
+from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster_tests.conftest import generated_digits, serve_folder, write_mnist_mirror
 
 
@@ -136,8 +138,8 @@ def test_labelled_batch_validation():
 
 
 def test_checkpoint_round_trips_with_weights_only_and_refuses_foreign_dicts():
-    config = model.ModelConfig(channels=(4, 8), hidden=16)
-    net = model.build_model(config).eval()
+    config = model.ModelConfig(channels=(4, 8), hidden=16, dropout=0.1)
+    net = model.DigitCNN(config).eval()
     checkpoint = model.make_checkpoint(net, config, mean=0.13, std=0.31)
     restored, norm = model.load_checkpoint(model.checkpoint_from_bytes(model.checkpoint_to_bytes(checkpoint)))
     x = torch.randn(3, 1, 28, 28)
@@ -147,8 +149,8 @@ def test_checkpoint_round_trips_with_weights_only_and_refuses_foreign_dicts():
 
 
 def test_onnx_export_matches_pytorch_including_normalisation():
-    config = model.ModelConfig(channels=(4, 8), hidden=16)
-    net = model.build_model(config).eval()
+    config = model.ModelConfig(channels=(4, 8), hidden=16, dropout=0.1)
+    net = model.DigitCNN(config).eval()
     checkpoint = model.make_checkpoint(net, config, mean=0.13, std=0.31)
     session = ort.InferenceSession(model.export_onnx(checkpoint), providers=["CPUExecutionProvider"])
     pixels = torch.rand(5, 1, 28, 28)
@@ -168,23 +170,19 @@ def _generated_split(n: int = 1500):
     return data.normalise_and_split(raw, 0.2, seed=0)
 
 
-def _train_small(split, seed: int) -> tuple[torch.nn.Module, list[train.EpochStats]]:
-    train.seed_everything(seed)
-    net = model.build_model(model.ModelConfig(channels=(4, 8), hidden=16))
-    settings = train.TrainSettings(epochs=2, batch_size=64, max_lr=0.02, seed=seed, max_shift=1)
-    history = train.train(net, split.train_images, split.train_labels, split.val_images, split.val_labels, settings)
-    return net, history
+SMALL = TrainingConfig(channels=(4, 8), hidden=16, epochs=2, batch_size=64, max_lr=0.02, max_shift=1)
 
 
 def test_training_learns_and_is_deterministic_for_a_seed():
     split = _generated_split()
-    net_a, history_a = _train_small(split, seed=0)
-    net_b, history_b = _train_small(split, seed=0)
-    assert history_a[-1].train_loss < history_a[0].train_loss
-    assert history_a[-1].val_accuracy > 0.9
-    assert [h.val_accuracy for h in history_a] == [h.val_accuracy for h in history_b]
-    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    a, b = train.fit(split, SMALL), train.fit(split, SMALL)
+    assert a.history[-1].train_loss < a.history[0].train_loss
+    assert a.history[-1].val_accuracy > 0.9
+    assert [h.val_accuracy for h in a.history] == [h.val_accuracy for h in b.history]
+    for x, y in zip(a.checkpoint["state_dict"].values(), b.checkpoint["state_dict"].values(), strict=True):
+        assert torch.equal(x, y)
+    other_seed = train.fit(split, replace(SMALL, seed=1))
+    assert not torch.equal(other_seed.checkpoint["state_dict"]["head.5.weight"], a.checkpoint["state_dict"]["head.5.weight"])
 
 
 def test_random_shift_moves_pixels_without_changing_mass():

@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 import mlflow
+import numpy as np
 
 from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
 from mnist_dagster.serving import bundle
@@ -45,6 +46,21 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == accuracy
     assert {"train_loss", "val_accuracy"} <= set(run.data.metrics)
+
+    # The input contract travels with the model: what a user who never read this code loads and calls.
+    model_version = client.get_model_version("mnist-digit-classifier", version)
+    assert "(N, 1, 28, 28)" in model_version.description and "[0, 1]" in model_version.description
+    model = mlflow.pyfunc.load_model("models:/mnist-digit-classifier@production")
+    example = model.input_example
+    assert example.dtype == np.float32 and example.shape[1:] == (1, 28, 28)
+    assert 0.0 <= example.min() and example.max() <= 1.0 and example.max() > 0.5  # real pixels, not zeros
+    probabilities = model.predict(example)["probabilities"]
+    assert probabilities.shape == (len(example), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    (dataset,) = run.inputs.dataset_inputs  # the training data, by its digest: raw_mnist_data's data version
+    raw = result.asset_materializations_for_node("raw_mnist_data")[0].metadata
+    assert dataset.dataset.digest == raw["data_version"].value
+    assert dataset.dataset.source_type == "local" and dataset.tags[0].value == "training"
 
 
 def test_gate_keeps_previous_model_when_candidate_is_below_threshold(dev_test_resources, dev_env, instance):

@@ -42,7 +42,7 @@ def raw_mnist_data(context: dg.AssetExecutionContext, mnist_source: MnistSource,
         tensors["train_labels"] = torch.cat([tensors["train_labels"], *(batch.labels for batch in landed)])
     version = data.content_hash(*fetched.md5s.values(), *(f"{batch.key}:{batch.digest}" for batch in landed))
     return dg.Output(
-        tensors,
+        {**tensors, "source": fetched.source, "data_version": version},  # provenance travels with the data
         data_version=dg.DataVersion(version),
         metadata={
             "source": fetched.source,
@@ -109,10 +109,10 @@ def processed_mnist_data(context: dg.AssetExecutionContext, config: ProcessingCo
         keep, _ = data.stratified_split(raw["train_labels"], 1 - config.train_subset / len(raw["train_labels"]), config.seed)
         raw = {**raw, "train_images": raw["train_images"][keep], "train_labels": raw["train_labels"][keep]}
     split = data.normalise_and_split(raw, config.validation_fraction, config.seed)
-    tensors = {name: getattr(split, name) for name in data.NormalisedSplit.__dataclass_fields__ if name not in {"mean", "std"}}
+    provenance = {key: str(raw.get(key, "unknown")) for key in ("source", "data_version")}
     sample = split.train_images[:32]
     yield dg.Output(
-        {**tensors, "mean": split.mean, "std": split.std},
+        {**split.as_dict(), **provenance},
         metadata={
             "train_size": len(split.train_labels),
             "val_size": len(split.val_labels),

@@ -13,8 +13,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -57,6 +58,15 @@ class NormalisedSplit:
     test_labels: torch.Tensor
     mean: float
     std: float
+
+    def as_dict(self) -> dict[str, torch.Tensor | float]:
+        """The form assets pass around (tensors and floats: `torch.load(weights_only=True)` reads it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> NormalisedSplit:
+        """Back from `as_dict`'s form; other keys (provenance) are left out."""
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 def parse_sources(value: str | None) -> list[str]:

@@ -12,16 +12,25 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from mnist_dagster.ml.config import TrainingConfig
+
 CHECKPOINT_FORMAT = "mnist-dagster/cnn-v1"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: one conv-BN-ReLU-max-pool stage per entry of `channels`, then a small MLP head."""
+    """Architecture: one conv-BN-ReLU-max-pool stage per entry of `channels`, then a small MLP head.
 
-    channels: tuple[int, ...] = (32, 64)
-    hidden: int = 128
-    dropout: float = 0.1
+    No defaults here: they are `TrainingConfig`'s (`mnist_dagster.ml.config`), the one block of them.
+    """
+
+    channels: tuple[int, ...]
+    hidden: int
+    dropout: float
+
+    @classmethod
+    def from_training(cls, config: TrainingConfig) -> ModelConfig:
+        return cls(channels=tuple(config.channels), hidden=config.hidden, dropout=config.dropout)
 
 
 class DigitCNN(nn.Module):
@@ -62,10 +71,6 @@ class ServingModel(nn.Module):
         return torch.softmax(self.model((pixels - self.mean) / self.std), dim=1)
 
 
-def build_model(config: ModelConfig) -> DigitCNN:
-    return DigitCNN(config)
-
-
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -84,7 +89,7 @@ def load_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") -> tup
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format={checkpoint.get('format')!r})")
     config = ModelConfig(**{**checkpoint["config"], "channels": tuple(checkpoint["config"]["channels"])})
-    model = build_model(config)
+    model = DigitCNN(config)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint["normalisation"]
 

@@ -1,4 +1,5 @@
-"""Training: in-memory tensors, shuffled mini-batches, AdamW with a one-cycle learning rate.
+"""Training: `fit` is the one entry point. In-memory tensors, shuffled mini-batches, AdamW with a
+one-cycle learning rate, over the one block of defaults in `mnist_dagster.ml.config`.
 
 MNIST fits in memory many times over, so batches are sliced from tensors directly (no DataLoader
 workers to start); on CUDA the data is moved once and mixed precision is used.
@@ -14,18 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 3
-    batch_size: int = 128
-    max_lr: float = 0.01
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    max_shift: int = 0  # random translation of up to this many pixels (augmentation; 0 = off)
-    seed: int = 0
-    device: str = "cpu"
-    mixed_precision: bool = True  # used on CUDA only; CPU always trains in float32
+from mnist_dagster.ml.config import TrainingConfig
+from mnist_dagster.ml.data import NormalisedSplit
+from mnist_dagster.ml.model import DigitCNN, ModelConfig, make_checkpoint, parameter_count
 
 
 @dataclass(frozen=True)
@@ -54,37 +46,72 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """What one training produced: the checkpoint (weights, architecture, normalisation) and its story."""
+
+    checkpoint: dict
+    history: list[EpochStats]
+    seconds: float
+    parameters: int
+    model: nn.Module  # the trained network, still on its training device and in eval mode
+
+
+def fit(
+    split: NormalisedSplit,
+    config: TrainingConfig,
+    device: str = "cpu",
+    mixed_precision: bool = True,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainedModel:
+    """THE way to train: seed, build, train on `split`'s train part (validating each epoch), checkpoint.
+
+    Every caller (the `digit_classifier` asset, the benchmarks, the tests) trains through here, so the
+    same `config` and data give the same model wherever it runs.
+    """
+    seed_everything(config.seed)
+    model_config = ModelConfig.from_training(config)
+    model = DigitCNN(model_config)
+    started = time.perf_counter()
+    history = train(model, split, config, device, mixed_precision, on_epoch)
+    seconds = time.perf_counter() - started
+    checkpoint = make_checkpoint(model, model_config, split.mean, split.std)
+    return TrainedModel(checkpoint, history, seconds, parameter_count(model), model.eval())
+
+
 def train(
     model: nn.Module,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_images: torch.Tensor,
-    val_labels: torch.Tensor,
-    settings: TrainSettings,
+    split: NormalisedSplit,
+    config: TrainingConfig,
+    device: str = "cpu",
+    mixed_precision: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> list[EpochStats]:
-    """Train `model` in place and return one `EpochStats` per epoch."""
-    device = torch.device(settings.device)
-    use_amp = settings.mixed_precision and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    model.to(device)
-    x, y = _to_device(train_images, device), _to_device(train_labels, device)
-    steps_per_epoch = (len(x) + settings.batch_size - 1) // settings.batch_size
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay)
+    """Train `model` in place and return one `EpochStats` per epoch (`fit` is the entry point).
+
+    `mixed_precision` means bf16 autocast on CUDA; the CPU path always trains in float32.
+    """
+    target = torch.device(device)
+    use_amp = mixed_precision and target.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    model.to(target)
+    x, y = _to_device(split.train_images, target), _to_device(split.train_labels, target)
+    steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings.max_lr, epochs=settings.epochs, steps_per_epoch=steps_per_epoch
+        optimizer, max_lr=config.max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
     )
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     history: list[EpochStats] = []
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(x), generator=generator).to(device)
-        total_loss = torch.zeros((), device=device)
-        for start in range(0, len(x), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                inputs = random_shift(x[batch], settings.max_shift, generator) if settings.max_shift else x[batch]
-                loss = F.cross_entropy(model(inputs), y[batch], label_smoothing=settings.label_smoothing)
+        order = torch.randperm(len(x), generator=generator).to(target)
+        total_loss = torch.zeros((), device=target)
+        for start in range(0, len(x), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
+                inputs = random_shift(x[batch], config.max_shift, generator) if config.max_shift else x[batch]
+                loss = F.cross_entropy(model(inputs), y[batch], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -93,7 +120,7 @@ def train(
         stats = EpochStats(
             epoch=epoch,
             train_loss=total_loss.item() / len(x),
-            val_accuracy=accuracy(model, val_images, val_labels, device=settings.device, mixed_precision=use_amp),
+            val_accuracy=accuracy(model, split.val_images, split.val_labels, device=device, mixed_precision=use_amp),
             learning_rate=schedule.get_last_lr()[0],
             seconds=time.perf_counter() - started,
         )

@@ -85,20 +85,99 @@ class MlflowTracking(dg.ConfigurableResource):
         experiment_id = client.get_run(run_id).info.experiment_id
         return f"{self.browser_url()}/#/experiments/{experiment_id}/runs/{run_id}"
 
-    def register_version(self, model_uri: str, run_id: str) -> str:
-        """A new version of the registered model; it serves nothing until it gets the alias."""
+    def log_training_data(self, features: Any, targets: Any, source: str, digest: str) -> None:
+        """The training data on the active run (`mlflow.log_input`): where it came from and its digest
+        (the data version of `raw_mnist_data`), so a run names the very data it saw."""
         mlflow, _ = self._client()
-        return str(mlflow.register_model(model_uri, self.registered_model_name, tags={"run_id": run_id}).version)
+        dataset = mlflow.data.from_numpy(features, targets=targets, source=source, name="mnist-train", digest=digest)
+        mlflow.log_input(dataset, context="training")
+
+    def log_png(self, png: bytes, name: str) -> None:
+        """A PNG (training curve, confusion matrix) as an image artifact of the active run."""
+        import io
+
+        from PIL import Image
+
+        mlflow, _ = self._client()
+        mlflow.log_image(Image.open(io.BytesIO(png)), name)
+
+    def log_model(self, onnx: bytes, checkpoint: bytes, input_example: Any) -> str:
+        """The deployable model on the active run: ONNX (pickle-free) with its input contract, signature
+        and an input example of real pixels, plus the raw checkpoint; returns the model's URI."""
+        import tempfile
+        from pathlib import Path
+
+        import onnx as onnx_lib
+        import onnxruntime
+        from mlflow.models import infer_signature
+
+        from mnist_dagster.serving.bundle import INPUT_CONTRACT
+
+        mlflow, _ = self._client()
+        session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+        output = session.run(None, {INPUT_CONTRACT["name"]: input_example})[0]
+        info = mlflow.onnx.log_model(
+            onnx_lib.load_from_string(onnx),
+            name="model",
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            metadata={"input": INPUT_CONTRACT},
+            pip_requirements=["onnxruntime", "onnx", "numpy"],
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "checkpoint.pt"
+            path.write_bytes(checkpoint)
+            mlflow.log_artifact(str(path))
+        return info.model_uri
+
+    def register_version(self, model_uri: str, run_id: str) -> str:
+        """A new version of the registered model, described with its input contract; it serves nothing
+        until it gets the alias."""
+        from mnist_dagster.serving.bundle import describe_input
+
+        mlflow, client = self._client()
+        version = str(mlflow.register_model(model_uri, self.registered_model_name, tags={"run_id": run_id}).version)
+        client.update_model_version(self.registered_model_name, version, description=describe_input())
+        return version
 
     def set_production_alias(self, version: str) -> None:
         _, client = self._client()
         client.set_registered_model_alias(self.registered_model_name, PRODUCTION_ALIAS, version)
 
-    def production_version(self) -> str | None:
+    def close_orphaned_runs(self, dagster_run_id: str, dagster_status: str = "FAILURE") -> list[str]:
+        """Marks KILLED this experiment's runs still RUNNING for a Dagster run that has ended; their ids.
+
+        A step killed outright (OOM killer, kill -9) never leaves its `with start_run()` block, so its
+        MLflow run would stay RUNNING forever. Only RUNNING runs are touched, so calling this twice, or
+        for a run that left nothing behind, changes nothing. No experiment yet: nothing to close (this
+        never creates one). An unreachable tracking server raises `MlflowSettingsError`.
+        """
         from mlflow.exceptions import MlflowException
 
+        # the id goes into a filter string: no quotes, no operators
+        if not (dagster_run_id.isascii() and dagster_run_id.replace("-", "").isalnum()):
+            raise ValueError(f"not a Dagster run id: {dagster_run_id!r}")
         _, client = self._client()
         try:
-            return str(client.get_model_version_by_alias(self.registered_model_name, PRODUCTION_ALIAS).version)
-        except MlflowException:
-            return None
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                return []
+            orphans = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.dagster_run_id = '{dagster_run_id}' AND attributes.status = 'RUNNING'",
+                max_results=1000,  # one Dagster run starts a handful of MLflow runs at most
+            )
+            reason = f"dagster run {dagster_run_id} ended {dagster_status}"
+            for run in orphans:
+                client.set_tag(run.info.run_id, "mnist_dagster.closed_by", reason)
+                client.set_terminated(run.info.run_id, status="KILLED")
+        except (MlflowException, OSError) as error:  # requests' connection errors are OSErrors
+            raise MlflowSettingsError(
+                f"MLflow at {redact_uri(self.tracking_uri)} (MLFLOW_TRACKING_URI) failed: {self._redacted(error)}"
+            ) from error
+        return [run.info.run_id for run in orphans]
+
+    def _redacted(self, error: BaseException) -> str:
+        """`error`'s text without the tracking URI's credentials (MLflow's messages quote the request URL)."""
+        uri = self.tracking_uri.rstrip("/")
+        return str(error).replace(uri, redact_uri(uri)) if uri else str(error)

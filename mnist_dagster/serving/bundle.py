@@ -29,6 +29,20 @@ INPUT_CONTRACT = {
 }
 
 
+
+
+def describe_input() -> str:
+    """The input contract in words, for the MLflow model version a user loads without this code."""
+    return (
+        "ONNX digit classifier. Input `pixels`: float32 array of shape (N, 1, 28, 28) with values in [0, 1] "
+        "(grey level / 255), white digit on black background, MNIST-style (centred, ~20 px box). Raw 0-255 "
+        "values are NOT rejected but give wrong answers. Output `probabilities`: float32 (N, 10), one row per "
+        "image, digits 0-9; the normalisation is inside the graph.\n\n"
+        "    model = mlflow.pyfunc.load_model('models:/<name>@production')\n"
+        "    probabilities = model.predict(pixels)['probabilities']  # pixels: np.float32 (N, 1, 28, 28) in [0, 1]"
+    )
+
+
 class BundleError(ValueError):
     """A bundle that is missing, incomplete, or fails its checksum or self-test."""
 
