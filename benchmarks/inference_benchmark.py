@@ -37,12 +37,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mnist_dagster.serving.batch import load_predictor, score_inbox  # noqa: E402
-from mnist_dagster.serving.bundle import Bundle, load_current, make_bundle, publish  # noqa: E402
+from mnist_dagster.layout import PRODUCTION_ROOT  # noqa: E402
+from mnist_dagster.serving.batch import score_inbox  # noqa: E402
+from mnist_dagster.serving.bundle import Bundle, Predictor, load_current, make_bundle, publish  # noqa: E402
 from mnist_dagster.serving.preprocess import encode_png  # noqa: E402
 from mnist_dagster.storage import LocalStore, open_store  # noqa: E402
 
-PRODUCTION_ROOT = "models/production"  # as in mnist_dagster.assets.model_assets (not imported: no Dagster here)
 TARGETS = {"batch_images_per_second": 20_000, "p50_ms": 3.0, "p99_ms": 10.0, "concurrent_rps": 500, "vs_mlflow": 3.0}
 
 
@@ -72,7 +72,7 @@ def train_default_cnn(mnist: dict, train_images: int) -> tuple[Bundle, dict]:
 
 
 def accuracy(bundle: Bundle, images: np.ndarray, labels: np.ndarray) -> float:
-    probabilities = load_predictor(bundle).predict_proba(images[:, None].astype(np.float32) / 255)
+    probabilities = Predictor(bundle).predict_proba(images[:, None].astype(np.float32) / 255)
     return float((probabilities.argmax(1) == labels).mean())
 
 
@@ -85,7 +85,7 @@ def npz_bytes(images: np.ndarray) -> bytes:
 
 def batch_throughput(bundle: Bundle, images: np.ndarray, repeats: int) -> list[float]:
     """Images per second of `score_inbox` over a fresh 10k-image inbox, one value per repeat."""
-    predictor = load_predictor(bundle)  # as batch_digit_predictions runs it
+    predictor = Predictor(bundle)  # as batch_digit_predictions runs it
     payload = npz_bytes(images)
     rates = []
     for repeat in range(repeats):
@@ -99,7 +99,7 @@ def batch_throughput(bundle: Bundle, images: np.ndarray, repeats: int) -> list[f
 
 
 def png_inbox_throughput(bundle: Bundle, images: np.ndarray) -> float:
-    predictor = load_predictor(bundle)
+    predictor = Predictor(bundle)
     with tempfile.TemporaryDirectory() as folder:
         store = LocalStore(folder)
         for index, image in enumerate(images):

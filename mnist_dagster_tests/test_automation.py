@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA
-from mnist_dagster.assets.data_assets import LANDING_PREFIX
+from mnist_dagster.layout import LANDING_PREFIX
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.resources import prod_resources
 from mnist_dagster.sensors.ml_sensors import new_labelled_data_sensor

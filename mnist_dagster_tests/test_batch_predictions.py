@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.assets.prediction_assets import batch_digit_predictions
-from mnist_dagster.serving import INBOX_PREFIX, bundle
+from mnist_dagster.layout import INBOX_PREFIX
+from mnist_dagster.serving import bundle
 from mnist_dagster.serving.batch import LEDGER_KEY, PREDICTION_COLUMNS, REJECTED_COLUMNS
 from mnist_dagster.serving.preprocess import encode_png
 from mnist_dagster.storage import LocalStore

@@ -132,7 +132,7 @@ def test_cuda_without_mixed_precision_trains_in_float32():
 @needs_cuda
 def test_prod_pipeline_trains_on_the_gpu_and_serves_on_the_cpu(prod_env, fake_mirror, instance, monkeypatch):
     """The prod resources with MNIST_DEVICE=cuda, end to end on S3: trained on the GPU, served by ONNX Runtime."""
-    from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+    from mnist_dagster.layout import PRODUCTION_ROOT
     from mnist_dagster.serving import bundle
     from mnist_dagster.storage import open_store
 

@@ -6,7 +6,7 @@ import dagster as dg
 import mlflow
 import numpy as np
 
-from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.serving import bundle
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks

@@ -14,13 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.ml.model import load_checkpoint
 from mnist_dagster.resources import prod_resources
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.storage import StorageResource
-from mnist_dagster.serving import INBOX_PREFIX, SERVING_ROOT, bundle
+from mnist_dagster.layout import INBOX_PREFIX, SERVING_ROOT
+from mnist_dagster.serving import bundle
 from mnist_dagster.storage import S3Store, StorageSettingsError, open_store
 from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, PIPELINE_ASSETS, generated_digits, pipeline_assets_and_checks
 from mnist_dagster_tests.s3_server import bucket_keys, prod_env, s3_endpoint  # noqa: F401 - fixtures

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from mnist_dagster.assets.data_assets import raw_mnist_data
-from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
+from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.assets.prediction_assets import digit_predictions
 from mnist_dagster.resources.serving import ServingEndpoint
-from mnist_dagster.serving import SERVING_ROOT, bundle
+from mnist_dagster.layout import SERVING_ROOT
+from mnist_dagster.serving import bundle
 from mnist_dagster.serving.prediction_log import read_prediction_log
 from mnist_dagster.serving.preprocess import encode_png
 from mnist_dagster.storage import LocalStore

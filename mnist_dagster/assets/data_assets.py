@@ -11,10 +11,10 @@ import dagster as dg
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown
+from mnist_dagster.layout import LANDING_PREFIX
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.storage import StorageResource
 
-LANDING_PREFIX = "landing"  # new labelled batches: <store>/landing/*.npz (images uint8 Nx28x28, labels 0-9)
 PROCESSED_CHECKS = ["shapes", "label_range", "class_balance", "no_nan"]
 
 

@@ -9,11 +9,11 @@ import dagster as dg
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.config import TrainingConfig, training_config
 from mnist_dagster.assets.metadata import png_markdown, table
+from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.storage import StorageResource
 
-PRODUCTION_ROOT = "models/production"  # the deployed bundle every prediction path reads
 # Dagster+ Hybrid on Kubernetes (k8s executor): the training step's pod gets one GPU. Ignored elsewhere.
 GPU_TRAINING_POD = {
     "container_config": {

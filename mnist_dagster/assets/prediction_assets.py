@@ -9,10 +9,9 @@ import dagster as dg
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown, table
-from mnist_dagster.assets.model_assets import PRODUCTION_ROOT
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
-from mnist_dagster.serving import SERVING_ROOT
+from mnist_dagster.layout import PRODUCTION_ROOT, SERVING_ROOT
 
 
 def _production_bundle(storage: StorageResource):
@@ -50,9 +49,10 @@ def batch_digit_predictions(
     Nothing is scored twice: a ledger remembers each (file, content) already done. See
     `mnist_dagster/serving/batch.py` for the formats and the ledger.
     """
-    from mnist_dagster.serving.batch import load_predictor, score_inbox
+    from mnist_dagster.serving.batch import score_inbox
+    from mnist_dagster.serving.bundle import Predictor
 
-    predictor = load_predictor(_production_bundle(storage))
+    predictor = Predictor(_production_bundle(storage))
     store = storage.open()
     result = score_inbox(store, predictor, context.run_id)
     for row in result.rejected.itertuples():

@@ -9,11 +9,8 @@ import io
 
 import dagster as dg
 
+from mnist_dagster.layout import asset_key_path
 from mnist_dagster.resources.storage import StorageResource
-
-
-def asset_object_key(asset_key: dg.AssetKey) -> str:
-    return "assets/" + "/".join(asset_key.path) + ".pt"
 
 
 class TensorIOManager(dg.ConfigurableIOManager):
@@ -27,7 +24,7 @@ class TensorIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"{asset} returned {type(obj).__name__}; this IO manager stores dicts of tensors")
         buffer = io.BytesIO()
         torch.save(obj, buffer)
-        key = asset_object_key(context.asset_key)
+        key = asset_key_path(context.asset_key.path)
         store = self.storage.open()
         store.write_bytes(key, buffer.getvalue())
         context.add_output_metadata(
@@ -38,7 +35,7 @@ class TensorIOManager(dg.ConfigurableIOManager):
         import torch
 
         store = self.storage.open()
-        key = asset_object_key(context.asset_key)
+        key = asset_key_path(context.asset_key.path)
         try:
             data = store.read_bytes(key)
         except FileNotFoundError as error:

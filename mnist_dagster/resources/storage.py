@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from mnist_dagster.layout import CACHE_PREFIX
 from mnist_dagster.storage import LocalStore, Store
 
 
@@ -35,6 +36,6 @@ class LocalStorage(StorageResource):
         return LocalStore(self.root)
 
     def scratch_dir(self, name: str) -> Path:
-        path = Path(self.root).expanduser() / "cache" / name
+        path = Path(self.root).expanduser() / CACHE_PREFIX / name
         path.mkdir(parents=True, exist_ok=True)
         return path

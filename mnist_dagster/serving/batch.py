@@ -36,8 +36,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from mnist_dagster.serving import INBOX_PREFIX, PREDICTIONS_PREFIX
-from mnist_dagster.serving.bundle import Bundle, Predictor
+from mnist_dagster.layout import INBOX_PREFIX, PREDICTIONS_PREFIX
+from mnist_dagster.serving.bundle import Predictor
 from mnist_dagster.serving.preprocess import MNIST_SIDE, InputError, decode_image, mnist_format, mnist_format_many
 from mnist_dagster.storage import Store, StoredObject
 
@@ -52,11 +52,6 @@ PREDICTION_COLUMNS = [
     "runner_up", "runner_up_confidence", "model_version", "predicted_at",
 ]  # fmt: skip
 REJECTED_COLUMNS = ["input_id", "input_key", "content_sha256", "reason", "model_version", "predicted_at"]
-
-
-def load_predictor(bundle: Bundle) -> Predictor:
-    """How the nightly batch runs a model: every core, large chunks (the step has the machine to itself)."""
-    return Predictor(bundle, threads=0)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import threading
 from collections import defaultdict
 from datetime import datetime, timezone
 
-from mnist_dagster.serving import PREDICTION_LOG_PREFIX
+from mnist_dagster.layout import PREDICTION_LOG_PREFIX
 from mnist_dagster.storage import Store
 
 logger = logging.getLogger("mnist_dagster.serving")

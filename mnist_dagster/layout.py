@@ -1,0 +1,29 @@
+"""The map of the store: every key prefix the pipeline and the server read or write, named once.
+
+The store is a local folder in dev (`MNIST_DATA_DIR`, else `data/`) and `s3://$S3_BUCKET/$S3_PREFIX/` in
+prod; these names are relative to it. Plain Python: the assets, sensors, resources, the serving process
+and the benchmarks all import it, and none of them writes a prefix of its own.
+
+    assets/<asset key>.pt              asset values (the IO manager): tensors and checkpoints
+    cache/<name>/                      local working folders (downloads), dev only; prod uses the temp dir
+    landing/*.npz                      new labelled batches for training (images uint8 N x 28 x 28, labels)
+    models/production/<v>/, CURRENT.json   the deployed bundle every prediction path reads
+    serving/<v>/, CURRENT.json         the bundle the HTTP endpoint serves (published by digit_predictions)
+    inbox/                             images waiting for the nightly batch (*.png, *.jpg, *.npz)
+    predictions/                       the nightly batch's Parquet tables (scored/, rejected/) and its ledger
+    prediction_log/                    what the HTTP endpoint answered, as JSON lines
+"""
+
+ASSETS_PREFIX = "assets"
+CACHE_PREFIX = "cache"
+LANDING_PREFIX = "landing"
+PRODUCTION_ROOT = "models/production"
+SERVING_ROOT = "serving"
+INBOX_PREFIX = "inbox"
+PREDICTIONS_PREFIX = "predictions"
+PREDICTION_LOG_PREFIX = "prediction_log"
+
+
+def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:
+    """Where the IO manager keeps an asset's value: `assets/<key parts>.pt`."""
+    return f"{ASSETS_PREFIX}/{'/'.join(asset_path)}.pt"
