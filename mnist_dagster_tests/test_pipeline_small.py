@@ -79,3 +79,54 @@ def test_gate_keeps_previous_model_when_candidate_is_below_threshold(dev_test_re
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == first
     assert json.loads(pointer_before)["version"] == first
+
+
+TRAINING = ["raw_mnist_data", "processed_mnist_data", "digit_classifier"]
+
+
+def training_job_with_a_process_per_step() -> dg.JobDefinition:
+    """Raw data to a trained model under the multiprocess executor (prod's), on dev resources from the
+    environment the test sets; `dg.reconstructable` rebuilds it in each step's process."""
+    import os
+
+    from mnist_dagster.definitions import ASSET_MODULES
+    from mnist_dagster.resources import dev_resources
+    from mnist_dagster.resources.mnist_source import MnistSource
+
+    resources = dev_resources(os.environ)
+    resources["mnist_source"] = MnistSource(mirrors=os.environ["MNIST_MIRRORS"], md5s=json.loads(os.environ["TEST_MD5S"]))
+    job = dg.define_asset_job("train_per_process", selection=TRAINING, executor_def=dg.multiprocess_executor)
+    defs = dg.Definitions(assets=dg.load_assets_from_modules(ASSET_MODULES), jobs=[job], resources=resources)
+    return defs.resolve_job_def("train_per_process")
+
+
+def test_same_seed_same_model_in_process_and_a_process_per_step(
+    dev_test_resources, dev_env, fake_mirror, tmp_path, monkeypatch, instance
+):
+    """The README's promise, across executors: dev's in-process run and prod's process-per-step run train
+    bit-identical weights from the same seed and data."""
+    import io
+
+    import torch
+
+    assets, _ = pipeline_assets_and_checks()
+    run_config = {"ops": {"digit_classifier": FAST_RUN_CONFIG["ops"]["digit_classifier"]}}
+    in_process = dg.materialize(assets, selection=TRAINING, resources=dev_test_resources, run_config=run_config)
+    assert in_process.success
+
+    other_dir = tmp_path / "per-process"
+    for key, value in {**dev_env, "MNIST_DATA_DIR": str(other_dir), "TEST_MD5S": json.dumps(fake_mirror[1])}.items():
+        monkeypatch.setenv(key, value)
+    job = dg.reconstructable(training_job_with_a_process_per_step)
+    with dg.execute_job(job, instance, run_config=run_config) as per_process:
+        assert per_process.success
+        assert {event.step_key for event in per_process.get_step_success_events()} >= set(TRAINING)
+
+    def weights(root: str) -> dict:
+        stored = LocalStore(root).read_bytes("assets/digit_classifier.pt")
+        return torch.load(io.BytesIO(stored), weights_only=True)["state_dict"]
+
+    in_process_weights, per_process_weights = weights(dev_env["MNIST_DATA_DIR"]), weights(str(other_dir))
+    assert in_process_weights.keys() == per_process_weights.keys()
+    for name, tensor in in_process_weights.items():
+        assert torch.equal(tensor, per_process_weights[name]), name
