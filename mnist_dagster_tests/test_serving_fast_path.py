@@ -1,5 +1,6 @@
 """`POST /predict` answers the same through the ASGI fast path as through the documented FastAPI route."""
 
+import functools
 import io
 import json
 
@@ -8,8 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mnist_dagster.serving import SERVING_ROOT, bundle
-from mnist_dagster.serving.app import create_app
+from mnist_dagster.layout import SERVING_ROOT
+from mnist_dagster.serving import bundle
+from mnist_dagster.serving.app import DigitService, create_app
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_fixtures import generated_model, wait_for
 
@@ -36,11 +38,26 @@ REQUESTS = {
 
 
 @pytest.fixture
-def clients(tmp_path):
+def routed(monkeypatch) -> list[str]:
+    """The paths the FastAPI route `DigitService.predict` handled: the fast path must leave it idle."""
+    calls: list[str] = []
+    original = DigitService.predict
+
+    @functools.wraps(original)  # keeps the `@route` mark and the signature FastAPI reads
+    async def counted(self, request):
+        calls.append(request.url.path)
+        return await original(self, request)
+
+    monkeypatch.setattr(DigitService, "predict", counted)
+    return calls
+
+
+@pytest.fixture
+def clients(tmp_path, routed):
     """Two apps over one store with a published model: with and without the fast path."""
     store = LocalStore(tmp_path)
     bundle.publish(store, SERVING_ROOT, generated_model("7"))
-    apps = {name: create_app(store, poll_seconds=0.1, fast_path=fast) for name, fast in (("fast", True), ("route", False))}
+    apps = {name: create_app(store, poll_seconds=0.1, fast_path=name == "fast") for name in ("fast", "route")}
     with TestClient(apps["fast"]) as fast, TestClient(apps["route"]) as route:
         for client in (fast, route):
             wait_for(lambda c=client: c.get("/health").status_code == 200, message="a model loaded")
@@ -54,10 +71,13 @@ def _post(client: TestClient, body: bytes, content_type: str | None):
 
 
 @pytest.mark.parametrize("name", sorted(REQUESTS))
-def test_fast_path_and_route_give_the_same_answer(clients, name):
+def test_fast_path_and_route_give_the_same_answer(clients, routed, name):
     fast, route = clients
     body, content_type = REQUESTS[name]
-    fast_answer, route_answer = _post(fast, body, content_type), _post(route, body, content_type)
+    fast_answer = _post(fast, body, content_type)
+    assert routed == []  # answered by the fast path, not by the route
+    route_answer = _post(route, body, content_type)
+    assert routed == ["/predict"]  # answered by the route
     assert fast_answer == route_answer
     status, _, payload = fast_answer
     if name in {"png", "json"}:

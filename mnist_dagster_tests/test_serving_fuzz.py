@@ -8,6 +8,7 @@ with random bytes, random JSON, and real PNGs of random sizes and pixel modes.
 import io
 import json
 import os
+import socket
 import tempfile
 
 import numpy as np
@@ -25,7 +26,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from mnist_dagster.serving import SERVING_ROOT, bundle, service
+from mnist_dagster.layout import SERVING_ROOT
+from mnist_dagster.serving import bundle, service
 from mnist_dagster.serving.preprocess import InputError, mnist_format, mnist_format_many
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_fixtures import generated_model, running_server
@@ -58,10 +60,31 @@ def _served_schema() -> dict:
 schema = schemathesis.openapi.from_dict(_served_schema())
 
 
-def test_the_fuzzed_schema_is_the_one_the_server_serves(live_url):
-    import httpx
+def test_the_schema_documents_every_route_its_bodies_and_its_refusals():
+    """What the fuzzing below trusts: every route is in the schema, with the content types the parser
+    accepts and every status the server can answer, each error in the `{"detail": ...}` shape."""
+    from fastapi.routing import APIRoute
 
-    assert httpx.get(f"{live_url}/openapi.json", timeout=5).json() == _served_schema()
+    from mnist_dagster.serving.app import create_app
+
+    app = create_app(LocalStore(tempfile.gettempdir()))
+    routes = [route for route in app.routes if isinstance(route, APIRoute) and route.include_in_schema]
+    served = {(route.path, method.lower()) for route in routes for method in route.methods}
+    paths = _served_schema()["paths"]
+    assert served == {(path, method) for path, operations in paths.items() for method in operations}
+    assert served >= {("/predict", "post"), ("/predict/batch", "post"), ("/health", "get")}
+
+    accepted = service.IMAGE_TYPES | {service.JSON_TYPE}
+    single, batch = paths["/predict"]["post"], paths["/predict/batch"]["post"]
+    assert set(single["requestBody"]["content"]) == {"image/png", "image/jpeg", "application/json"} <= accepted
+    assert set(batch["requestBody"]["content"]) == {"application/json"}
+    refusals = {"400", "413", "415", "422", "503"}  # InputError statuses (body, size, type, content), NoModel
+    for operation in (single, batch):
+        assert set(operation["responses"]) == {"200"} | refusals
+        for status in refusals:
+            error = operation["responses"][status]["content"]["application/json"]["schema"]
+            assert error == {"$ref": "#/components/schemas/ErrorOut"}
+    assert set(paths["/health"]["get"]["responses"]) == {"200", "503"}
 
 
 @schema.parametrize()
@@ -80,15 +103,42 @@ def test_generated_requests_never_get_a_server_error(case, live_url):
     )
 
 
-def test_the_server_is_still_healthy_after_the_fuzzing(live_url):
+def _disconnect_mid_body(url: str, path: str) -> None:
+    """A client that announces a body, sends a little of it and hangs up."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 100000"
+        connection.sendall(head.encode() + b'\r\n\r\n{"pixels": [[0, ')
+
+
+def test_hostile_requests_leave_the_server_healthy_and_answering_as_before(live_url):
+    """Self-contained (whether or not the fuzzing ran first): abuse the server, then ask it again."""
     import httpx
 
-    assert httpx.get(f"{live_url}/health", timeout=5).json()["status"] == "ok"
+    digit = np.zeros((28, 28), int)
+    digit[6:22, 12:16] = 255
+    with httpx.Client(base_url=live_url, timeout=30) as client:
+        before = client.post("/predict", json={"pixels": digit.tolist()})
+        assert before.status_code == 200
+        for path in ("/predict", "/predict/batch"):
+            _disconnect_mid_body(live_url, path)
+            hostile = [
+                (iter([b"\0" * 700_000] * 2), "application/json"),  # chunked, over the limit
+                (b"[" * 100_000 + b"]" * 100_000, "application/json"),  # nesting deeper than the parser goes
+                (os.urandom(5000), "image/png"),
+                (b'{"pixels": [', "application/json"),
+                (json.dumps({"images": [{"pixels": digit.tolist()}] * 300}).encode(), "application/json"),
+            ]
+            for body, content_type in hostile:
+                response = client.post(path, content=body, headers={"Content-Type": content_type})
+                assert 400 <= response.status_code < 500 and response.json()["detail"], (path, response.text)
+        assert client.get("/health").json()["status"] == "ok"
+        assert client.post("/predict", json={"pixels": digit.tolist()}).json() == before.json()
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    return service.load_predictor(generated_model())
+    return bundle.Predictor(generated_model())
 
 
 def assert_prediction_or_client_error(predictor, body: bytes, content_type: str, batch: bool = False) -> None:

@@ -13,12 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mnist_dagster.serving import SERVING_ROOT
+from mnist_dagster.layout import SERVING_ROOT
 from mnist_dagster.storage import default_data_dir
-
-def default_store_location() -> str:
-    """The dev data folder, as the Dagster resources compute it (without importing Dagster)."""
-    return str(default_data_dir())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +40,7 @@ def serve(args: argparse.Namespace) -> None:
     from mnist_dagster.serving.prediction_log import PredictionLog
     from mnist_dagster.storage import open_store
 
-    location = args.store or default_store_location()
+    location = args.store or str(default_data_dir())  # the dev data folder, as the Dagster resources compute it
     store = open_store(location)
     prediction_log = None if args.no_prediction_log else PredictionLog(store, flush_seconds=args.log_flush_seconds)
     app = create_app(store, root=args.root, poll_seconds=args.poll_seconds, prediction_log=prediction_log)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_dagster.serving.bundle import Bundle, BundleError, Predictor, current_version, load
+from mnist_dagster.serving.bundle import BundleError, Predictor, current_version, load
 from mnist_dagster.serving.preprocess import InputError, decode_image, mnist_format, pixels_from_json
 from mnist_dagster.storage import Store
 
@@ -28,13 +28,6 @@ IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg"})
 JSON_TYPE = "application/json"
 MAX_BODY_BYTES = 1_000_000
 MAX_BATCH = 256
-
-
-def load_predictor(bundle: Bundle) -> Predictor:
-    """How the server runs a model: ONNX Runtime's default thread pool, whose idle threads sleep rather
-    than spin (see `Predictor`). The request is handled on the event loop, so nothing else runs meanwhile;
-    measured here for one image: 89 us with the pool, 146 us on one thread."""
-    return Predictor(bundle, threads=0)
 
 
 @dataclass(frozen=True)
@@ -177,7 +170,9 @@ class ModelWatcher:
         if refused is not None and time.monotonic() - refused[1] < self.retry_seconds:
             return
         try:
-            predictor = load_predictor(load(self.store, self.root, version))
+            # ONNX Runtime's default thread pool, whose idle threads sleep rather than spin (see `Predictor`):
+            # a single-image request runs on the event loop, so nothing else competes with the pool for the CPU.
+            predictor = Predictor(load(self.store, self.root, version))
         except BundleError as error:
             self.refused[version] = (str(error), time.monotonic())
             serving = self.current.version if self.current else "nothing"
