@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import dagster as dg
 
 from mnist_dagster.assets import data_assets, model_assets, prediction_assets
-from mnist_dagster.jobs.ml_jobs import JOBS, SCHEDULES
+from mnist_dagster.jobs.ml_jobs import JOBS, schedules_for
 from mnist_dagster.resources import deployment_name, executor_for, resources_for
 from mnist_dagster.sensors.ml_sensors import SENSORS
 
@@ -20,7 +20,7 @@ def build_defs(deployment: str | None = None, env: Mapping[str, str] = os.enviro
         assets=dg.load_assets_from_modules(ASSET_MODULES),
         asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
         jobs=JOBS,
-        schedules=SCHEDULES,
+        schedules=schedules_for(env),
         sensors=SENSORS,
         resources=resources_for(deployment, env),
         executor=executor_for(deployment),

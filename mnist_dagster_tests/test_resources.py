@@ -20,7 +20,6 @@ import pytest
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.resources import (
     branch_slug,
-    data_dir,
     deployment_name,
     dev_resources,
     executor_for,
@@ -30,8 +29,9 @@ from mnist_dagster.resources import (
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.io_manager import TensorIOManager
 from mnist_dagster.resources.mlflow import MlflowTracking, redact_uri
-from mnist_dagster.resources.s3 import S3Storage
-from mnist_dagster.resources.storage import LocalStorage
+from mnist_dagster.resources.s3 import S3StorageResource
+from mnist_dagster.resources.storage import LocalStorageResource
+from mnist_dagster.storage import default_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROD_ENV = {  # dummy values: enough to load the definitions, nothing is contacted
@@ -104,7 +104,7 @@ def test_every_deployment_offers_the_same_resources_to_the_same_assets(tmp_path)
 
 def test_dev_keeps_everything_under_the_data_folder(tmp_path):
     resources = dev_resources({"MNIST_DATA_DIR": str(tmp_path / "d")})
-    assert isinstance(resources["storage"], LocalStorage)
+    assert isinstance(resources["storage"], LocalStorageResource)
     assert resources["storage"].root == str((tmp_path / "d").resolve())
     assert resources["mlflow"].tracking_uri == f"sqlite:///{(tmp_path / 'd').resolve()}/mlflow.db"
     assert resources["mlflow"].artifact_location == (tmp_path / "d" / "mlartifacts").resolve().as_uri()
@@ -119,7 +119,7 @@ def test_dev_with_a_tracking_server_lets_the_server_place_artifacts(tmp_path):
 
 
 def test_default_data_folder_is_the_git_ignored_data_dir_of_the_checkout():
-    assert data_dir({}) == REPO_ROOT / "data"
+    assert default_data_dir({}) == REPO_ROOT / "data"
     ignored = subprocess.run(["git", "check-ignore", "-q", "data/models/x.pt"], cwd=REPO_ROOT)
     assert ignored.returncode == 0, "data/ must be git-ignored"
 
@@ -127,7 +127,7 @@ def test_default_data_folder_is_the_git_ignored_data_dir_of_the_checkout():
 def test_prod_reads_bucket_and_tracking_server_from_env_vars_at_run_time():
     resources = prod_resources({**PROD_ENV, "S3_PREFIX": "/team/mnist/"})
     storage = resources["storage"]
-    assert isinstance(storage, S3Storage)
+    assert isinstance(storage, S3StorageResource)
     assert storage.bucket == dg.EnvVar("S3_BUCKET")  # resolved when a step starts, never shown in the UI
     assert storage.prefix == "team/mnist"
     assert storage.s3.region_name == "eu-west-1"  # AWS_REGION, which botocore alone would ignore

@@ -58,4 +58,8 @@ def nightly_batch_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
 
 
 JOBS = [full_pipeline_job, training_job, batch_inference_job]
-SCHEDULES = [nightly_batch_schedule(schedule_timezone())]
+
+
+def schedules_for(env: Mapping[str, str] = os.environ) -> list[dg.ScheduleDefinition]:
+    """The schedules, with `MNIST_SCHEDULE_TIMEZONE` read from `env` when the definitions are built."""
+    return [nightly_batch_schedule(schedule_timezone(env))]

@@ -13,7 +13,6 @@ code path (`TensorIOManager` + `Store`), so a model saved in prod loads exactly 
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import dagster as dg
 
@@ -23,7 +22,7 @@ from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.slack import slack_alerts
-from mnist_dagster.resources.storage import LocalStorage, StorageResource
+from mnist_dagster.resources.storage import LocalStorageResource, StorageResource
 from mnist_dagster.storage import default_data_dir
 
 DEPLOYMENTS = ("dev", "prod", "branch")
@@ -44,11 +43,6 @@ def deployment_name(env: Mapping[str, str] = os.environ) -> str:
     return "dev"
 
 
-def data_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """Dev storage root (see `mnist_dagster.storage.default_data_dir`)."""
-    return default_data_dir(env)
-
-
 def branch_slug(env: Mapping[str, str] = os.environ) -> str:
     """The branch deployment's name, safe as an S3 key segment and an MLflow name."""
     name = env.get("DAGSTER_CLOUD_DEPLOYMENT_NAME") or env.get("DAGSTER_CLOUD_GIT_BRANCH") or "local"
@@ -67,8 +61,8 @@ def _compute_and_source(env: Mapping[str, str]) -> dict[str, object]:
 
 def dev_resources(env: Mapping[str, str] = os.environ) -> dict[str, object]:
     """Local files under `MNIST_DATA_DIR`, a SQLite MLflow store beside them, the GPU only if present."""
-    root = data_dir(env)
-    storage = LocalStorage(root=str(root))
+    root = default_data_dir(env)
+    storage = LocalStorageResource(root=str(root))
     tracking_uri = env.get("MLFLOW_TRACKING_URI", "").strip()
     return {
         "storage": storage,
@@ -93,13 +87,13 @@ def prod_resources(env: Mapping[str, str] = os.environ, branch: str | None = Non
     """
     from dagster_aws.s3 import S3Resource
 
-    from mnist_dagster.resources.s3 import S3Storage
+    from mnist_dagster.resources.s3 import S3StorageResource
 
     prefix = (env.get("S3_PREFIX", "").strip().strip("/")) or DEFAULT_S3_PREFIX
     mlflow_name = MLFLOW_NAME
     if branch:
         prefix, mlflow_name = f"{prefix}/branches/{branch}", f"{MLFLOW_NAME}-{branch}"
-    storage: StorageResource = S3Storage(
+    storage: StorageResource = S3StorageResource(
         bucket=dg.EnvVar("S3_BUCKET"), prefix=prefix, s3=S3Resource(region_name=env.get("AWS_REGION") or None)
     )
     return {

@@ -13,7 +13,7 @@ from mnist_dagster.storage import S3Store, Store
 _CHECKED: set[tuple[str | None, str, str]] = set()  # (endpoint, bucket, prefix) verified in this process
 
 
-class S3Storage(StorageResource):
+class S3StorageResource(StorageResource):
     """Everything under `s3://S3_BUCKET/S3_PREFIX/`; the first open in a process checks that it is usable."""
 
     bucket: str

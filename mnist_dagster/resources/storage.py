@@ -27,7 +27,7 @@ class StorageResource(dg.ConfigurableResource):
         return path
 
 
-class LocalStorage(StorageResource):
+class LocalStorageResource(StorageResource):
     """Dev: everything under one local folder (`MNIST_DATA_DIR`)."""
 
     root: str

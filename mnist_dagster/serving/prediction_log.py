@@ -1,6 +1,6 @@
 """What the service served, for monitoring: JSON lines in the store, written off the request path.
 
-A request only appends a tuple to a queue (about a microsecond). A background thread drains the queue
+A request only appends a tuple to a queue, which costs next to nothing. A background thread drains the queue
 every `flush_seconds` and writes one new object per flush and day:
 `prediction_log/date=YYYY-MM-DD/<UTC time>-<host>-<pid>-<sequence>.jsonl`, one line per prediction:
 `{"time": ISO-8601 UTC, "model_version", "digit", "confidence", "endpoint"}`. New objects rather than
