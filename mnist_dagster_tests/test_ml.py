@@ -11,7 +11,7 @@ import torch
 
 from mnist_dagster.ml import data, evaluate, model, plots, train
 from mnist_dagster.ml.config import TrainingConfig
-from mnist_dagster_tests.conftest import generated_digits, serve_folder, write_mnist_mirror
+from mnist_dagster_tests.support import generated_digits, serve_folder, write_mnist_mirror
 
 
 @pytest.fixture
