@@ -91,7 +91,7 @@ def test_retraining_assets_use_the_new_data_condition(dev_env):
     assert {name for name, condition in conditions.items() if condition == RETRAIN_ON_NEW_DATA} == RETRAINED - {
         "digit_predictions"  # the same condition, ignoring raw_mnist_data (it only reads its test images)
     }
-    assert conditions["digit_predictions"] is not None
+    assert conditions["digit_predictions"] == RETRAIN_ON_NEW_DATA.ignore(dg.AssetSelection.assets(RAW))
     assert conditions[RAW] is None  # started by new_labelled_data_sensor, not by automation
 
 
