@@ -62,7 +62,7 @@ def parse_image(body: bytes, content_type: str | None) -> np.ndarray:
         raise InputError('empty body: send a PNG or JPEG image, or JSON {"pixels": 28 rows of 28 numbers 0-255}', 400)
     if kind in IMAGE_TYPES:
         return mnist_format(decode_image(body))
-    document = _json_object(body, allowed={"pixels"})
+    document = json_object(body, allowed={"pixels"})
     if "pixels" not in document:
         raise InputError('JSON body must be {"pixels": 28 rows of 28 numbers 0-255}')
     return mnist_format(pixels_from_json(document["pixels"]))
@@ -74,7 +74,7 @@ def parse_batch(body: bytes, content_type: str | None) -> np.ndarray:
         raise InputError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 415)
     if not body:
         raise InputError('empty body: send JSON {"images": [...]}', 400)
-    items = _json_object(body, allowed={"images"}).get("images")
+    items = json_object(body, allowed={"images"}).get("images")
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
         raise InputError(f"'images' must be a list of 1 to {MAX_BATCH} images")
     return np.stack([_batch_item(index, item) for index, item in enumerate(items)])
@@ -100,7 +100,7 @@ def _base64(value: Any) -> bytes:
         raise InputError(f"'image_base64' is not valid base64 ({error})") from error
 
 
-def _json_object(body: bytes, allowed: set[str]) -> dict[str, Any]:
+def json_object(body: bytes, allowed: set[str]) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -144,7 +144,41 @@ class LoadedModel:
         return self.predictor.version
 
 
-class ModelWatcher:
+class Poller:
+    """A daemon thread that calls `refresh()` every `poll_seconds` (and once, synchronously, on `start`):
+    what the model watchers and the routing watcher share, so every store read stays off the request path."""
+
+    poll_seconds: float
+    thread_name = "poller"
+
+    def __init__(self, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.refresh()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher outlives any single failure
+                logger.exception("%s: unexpected error; will try again", self.thread_name)
+
+
+class ModelWatcher(Poller):
     """Keeps the newest good bundle under `root` loaded, polling the pointer off the request path.
 
     A new version is loaded and self-tested in the background, then swapped in with one assignment, so a
@@ -153,13 +187,14 @@ class ModelWatcher:
     `retry_seconds` in case the failure was the store's rather than the bundle's.
     """
 
+    thread_name = "model-watcher"
+
     def __init__(self, store: Store, root: str, poll_seconds: float = 1.0, retry_seconds: float = 30.0) -> None:
-        self.store, self.root, self.poll_seconds, self.retry_seconds = store, root, poll_seconds, retry_seconds
+        super().__init__(poll_seconds)
+        self.store, self.root, self.retry_seconds = store, root, retry_seconds
         self.current: LoadedModel | None = None
         self.refused: dict[str, tuple[str, float]] = {}  # version -> (reason, monotonic time refused)
         self._pointer_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
         """Load the version the pointer names, if it is new and not recently refused."""
@@ -176,12 +211,12 @@ class ModelWatcher:
         except BundleError as error:
             self.refused[version] = (str(error), time.monotonic())
             serving = self.current.version if self.current else "nothing"
-            logger.error("Refused model version %s (still serving %s): %s", version, serving, error)
+            logger.error("Refused model version %s under %s (still serving %s): %s", version, self.root, serving, error)
             return
         previous = self.current.version if self.current else None
         self.current = LoadedModel(predictor, datetime.now(timezone.utc).isoformat())
         self.refused.pop(version, None)
-        logger.info("Now serving model version %s (was %s)", version, previous or "nothing")
+        logger.info("Now serving model version %s from %s (was %s)", version, self.root, previous or "nothing")
 
     def _pointed_version(self) -> str | None:
         try:
@@ -194,24 +229,6 @@ class ModelWatcher:
             return None
         self._pointer_error = None
         return version
-
-    def start(self) -> None:
-        self.refresh()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name="model-watcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - the watcher outlives any single failure
-                logger.exception("model watcher: unexpected error; will try again")
 
     def status(self) -> dict[str, Any]:
         return {
