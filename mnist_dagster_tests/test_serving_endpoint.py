@@ -74,8 +74,8 @@ def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_b
         digits = np.array([answer["digit"] for answer in answers])
         assert np.mean(digits == labels[:200]) >= real_bundle.manifest["test_accuracy"] - 0.03
         first = answers[0]
-        assert set(first) == {"digit", "confidence", "probabilities", "model_version"}
-        assert first["model_version"] == real_bundle.version
+        assert set(first) == {"digit", "confidence", "probabilities", "model_version", "prediction_id", "arm"}
+        assert first["model_version"] == real_bundle.version and first["arm"] == "production"
         assert len(first["probabilities"]) == 10 and abs(sum(first["probabilities"]) - 1) < 1e-3
         assert first["confidence"] == max(first["probabilities"])
 

@@ -1,4 +1,5 @@
-"""`POST /predict` answers the same through the ASGI fast path as through the documented FastAPI route."""
+"""`POST /predict` answers the same through the ASGI fast path as through the documented FastAPI route
+(answer for answer, but for the `prediction_id` every answer gets anew)."""
 
 import functools
 import io
@@ -9,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mnist_dagster.layout import SERVING_ROOT
+from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.serving import bundle
 from mnist_dagster.serving.app import DigitService, create_app
 from mnist_dagster.storage import LocalStore
@@ -65,10 +66,21 @@ def clients(tmp_path, routed):
         yield fast, route
 
 
-def _post(client: TestClient, body: bytes, content_type: str | None):
+def _post(client: TestClient, body: bytes, content_type: str | None, client_key: str | None = None):
+    """(status, content type, answer without its prediction_id); the id is checked to be a fresh 32-hex one."""
     headers = {"content-type": content_type} if content_type else {}
+    if client_key:
+        headers["x-client-key"] = client_key
     response = client.post("/predict", content=body, headers=headers)
-    return response.status_code, response.headers["content-type"], response.json()
+    payload = response.json()
+    prediction_id = payload.pop("prediction_id", None)
+    if response.status_code == 200:
+        assert len(prediction_id) == 32 and int(prediction_id, 16) >= 0 and prediction_id not in ISSUED
+        ISSUED.add(prediction_id)
+    return response.status_code, response.headers["content-type"], payload
+
+
+ISSUED: set[str] = set()
 
 
 @pytest.mark.parametrize("name", sorted(REQUESTS))
@@ -83,6 +95,7 @@ def test_fast_path_and_route_give_the_same_answer(clients, routed, name):
     status, _, payload = fast_answer
     if name in {"png", "json"}:
         assert status == 200 and payload["model_version"] == "7" and 0 <= payload["digit"] <= 9
+        assert payload["arm"] == "production"
     else:
         assert 400 <= status < 500 and payload["detail"], payload
 
@@ -98,3 +111,20 @@ def test_other_routes_pass_through_the_fast_path(clients):
     fast, _ = clients
     assert fast.get("/health").json()["model_version"] == "7"
     assert "/predict" in fast.get("/openapi.json").json()["paths"]
+
+
+def test_both_paths_give_a_client_key_the_same_arm(tmp_path):
+    """In an A/B test the fast path and the route read the `X-Client-Key` header alike: same key, same arm."""
+    store = LocalStore(tmp_path)
+    bundle.publish(store, SERVING_ROOT, generated_model("7"))
+    bundle.publish(store, CHALLENGER_ROOT, bundle.make_bundle("8", generated_model("7").onnx))
+    store.write_bytes(ROUTING_KEY, json.dumps({"strategy": "ab_test", "challenger_traffic": 0.5}).encode())
+    apps = [create_app(store, poll_seconds=0.1, fast_path=fast) for fast in (True, False)]
+    with TestClient(apps[0]) as fast, TestClient(apps[1]) as route:
+        for client in (fast, route):
+            wait_for(lambda c=client: c.get("/health").json()["challenger_version"] == "8", message="the challenger")
+        body, content_type = REQUESTS["png"]
+        for key in (f"client-{i}" for i in range(20)):
+            assert _post(fast, body, content_type, key) == _post(route, body, content_type, key), key
+        arms = {_post(fast, body, content_type, f"client-{i}")[2]["arm"] for i in range(20)}
+        assert arms == {"production", "challenger"}  # these 20 keys hash to both sides of a half share

@@ -72,7 +72,7 @@ def test_the_schema_documents_every_route_its_bodies_and_its_refusals():
     served = {(route.path, method.lower()) for route in routes for method in route.methods}
     paths = _served_schema()["paths"]
     assert served == {(path, method) for path, operations in paths.items() for method in operations}
-    assert served >= {("/predict", "post"), ("/predict/batch", "post"), ("/health", "get")}
+    assert served >= {("/predict", "post"), ("/predict/batch", "post"), ("/feedback", "post"), ("/health", "get")}
 
     accepted = service.IMAGE_TYPES | {service.JSON_TYPE}
     single, batch = paths["/predict"]["post"], paths["/predict/batch"]["post"]
@@ -85,6 +85,9 @@ def test_the_schema_documents_every_route_its_bodies_and_its_refusals():
             error = operation["responses"][status]["content"]["application/json"]["schema"]
             assert error == {"$ref": "#/components/schemas/ErrorOut"}
     assert set(paths["/health"]["get"]["responses"]) == {"200", "503"}
+    feedback = paths["/feedback"]["post"]
+    assert set(feedback["requestBody"]["content"]) == {"application/json"}
+    assert set(feedback["responses"]) == {"202", "400", "404", "413", "415", "422"}  # 404: an id never issued
 
 
 @schema.parametrize()
@@ -120,7 +123,7 @@ def test_hostile_requests_leave_the_server_healthy_and_answering_as_before(live_
     with httpx.Client(base_url=live_url, timeout=30) as client:
         before = client.post("/predict", json={"pixels": digit.tolist()})
         assert before.status_code == 200
-        for path in ("/predict", "/predict/batch"):
+        for path in ("/predict", "/predict/batch", "/feedback"):
             _disconnect_mid_body(live_url, path)
             hostile = [
                 (iter([b"\0" * 700_000] * 2), "application/json"),  # chunked, over the limit
@@ -133,7 +136,9 @@ def test_hostile_requests_leave_the_server_healthy_and_answering_as_before(live_
                 response = client.post(path, content=body, headers={"Content-Type": content_type})
                 assert 400 <= response.status_code < 500 and response.json()["detail"], (path, response.text)
         assert client.get("/health").json()["status"] == "ok"
-        assert client.post("/predict", json={"pixels": digit.tolist()}).json() == before.json()
+        after = client.post("/predict", json={"pixels": digit.tolist()}).json()
+        assert after.pop("prediction_id") != before.json()["prediction_id"]  # a new id for every answer
+        assert after == {k: v for k, v in before.json().items() if k != "prediction_id"}
 
 
 @pytest.fixture(scope="module")

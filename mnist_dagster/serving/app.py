@@ -1,39 +1,48 @@
 """The real-time endpoint: FastAPI over the newest serving bundle in the store.
 
-`DigitService` holds the model watcher and the prediction log; each route is one of its methods,
-marked with `@route`, and `create_app` builds the FastAPI app from them. Every refusal is raised, as an
+`DigitService` holds the watchers (production, challenger, routing: see `serving/routing.py` for the
+contract with the Dagster side), the logs and the shadow scorer; each route is one of its methods, marked
+with `@route`, and `create_app` builds the FastAPI app from them. Every answer names its `prediction_id`,
+`arm` and `model_version`; the server remembers the ids it issued so that `POST /feedback` can take the
+true label of one. Every refusal is raised, as an
 `InputError` (the client's to fix) or `NoModel`, and turned into `{"detail": ...}` with its status by
 `refusal`, both by the FastAPI exception handlers and by the ASGI fast path for `POST /predict`.
 
 Kept lean for a small CPU: the single-image endpoint is `async` and calls ONNX Runtime directly (one
 image takes less time than handing it to a worker thread would), bodies are parsed by hand rather
-than through pydantic, answers are serialised once with `json.dumps`, and the prediction log only
-enqueues. What `/docs` and `/openapi.json` show is described in `serving/openapi.py`.
+than through pydantic, answers are serialised once with `json.dumps`, the routing is a few attribute
+reads, and the logs and the shadow scorer only enqueue. What `/docs` and `/openapi.json` show is described in `serving/openapi.py`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from mnist_dagster.layout import SERVING_ROOT
-from mnist_dagster.serving import openapi, service
-from mnist_dagster.serving.prediction_log import PredictionLog
+from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
+from mnist_dagster.serving import openapi, page, routing, service
+from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
+from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.serving.preprocess import InputError
-from mnist_dagster.serving.service import MAX_BODY_BYTES, LoadedModel, ModelWatcher, Prediction
+from mnist_dagster.serving.routing import Assignment, Router, RoutingWatcher
+from mnist_dagster.serving.service import MAX_BODY_BYTES, ModelWatcher, Prediction
+from mnist_dagster.serving.shadow import ShadowScorer
 from mnist_dagster.storage import Store
 
 JSON = "application/json"
+CLIENT_KEY = routing.CLIENT_KEY_HEADER.lower()
 NO_MODEL_DETAIL = "no model loaded yet: materialize digit_predictions to publish the production model to this store"
 
 
@@ -83,44 +92,86 @@ class DirectRoute(APIRoute):
         return self.endpoint
 
 
+@dataclass
+class Logs:
+    """Where the service records what it did; either may be None (not recorded)."""
+
+    predictions: PredictionLog | None = None
+    feedback: FeedbackLog | None = None
+
+
 class DigitService:
-    """The service over `store`: serves the bundle `<root>/CURRENT.json` names, and follows it as it moves."""
+    """The service over `store`: serves the bundle `<root>/CURRENT.json` names (and the challenger under
+    `challenger_root`, as the routing file says), and follows each as it moves."""
 
     def __init__(
-        self, store: Store, root: str, poll_seconds: float, prediction_log: PredictionLog | None = None
+        self,
+        store: Store,
+        root: str,
+        poll_seconds: float,
+        logs: Logs | None = None,
+        challenger_root: str = CHALLENGER_ROOT,
+        routing_key: str = ROUTING_KEY,
     ) -> None:
         self.watcher = ModelWatcher(store, root, poll_seconds)
-        self.prediction_log = prediction_log
+        self.challenger_watcher = ModelWatcher(store, challenger_root, poll_seconds)
+        self.routing_watcher = RoutingWatcher(store, routing_key, poll_seconds)
+        self.router = Router(self.watcher, self.challenger_watcher, self.routing_watcher)
+        self.logs = logs or Logs()
+        # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
+        self.shadow = ShadowScorer(self.logs.predictions) if self.logs.predictions else None
+        self.issued = IssuedPredictions()
+        self.static = page.load_static()
 
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
-        self.watcher.start()
-        if self.prediction_log:
-            self.prediction_log.start()
+        # Started sinks first, sources last; stopped the other way, so the shadow's last digits reach the log.
+        parts = [self.logs.predictions, self.logs.feedback, self.shadow]
+        parts += [self.routing_watcher, self.challenger_watcher, self.watcher]
+        started = [part for part in parts if part is not None]
+        for part in started:
+            part.start()
         try:
             yield
         finally:
-            self.watcher.stop()
-            if self.prediction_log:
-                self.prediction_log.stop()
+            for part in reversed(started):
+                part.stop()
 
-    def model(self) -> LoadedModel:
-        model = self.watcher.current
-        if model is None:
+    def assign(self, client_key: str | None) -> Assignment:
+        """Which model answers this request (see `Router.choose`); raises `NoModel` while none is loaded."""
+        assignment = self.router.choose(client_key)
+        if assignment is None:
             raise NoModel()
-        return model
+        return assignment
 
-    def log(self, predictions: list[Prediction], endpoint: str) -> None:
-        if self.prediction_log:
-            now = time.time()
-            for p in predictions:
-                self.prediction_log.record(now, p.model_version, p.digit, p.confidence, endpoint)
+    def issue(
+        self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str
+    ) -> list[dict[str, Any]]:
+        """The answers to `predictions`, each with a new `prediction_id` (remembered for `/feedback`) and its
+        arm; their log records are handed to the log, or through the shadow scorer, which only enqueue."""
+        now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, 28, 28)
+        answers, records = [], []
+        for image, p in zip(images, predictions):
+            prediction_id = os.urandom(16).hex()
+            self.issued.add(prediction_id, assignment.label)
+            answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
+            records.append(
+                PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image)
+            )
+        if self.logs.predictions is not None:
+            if assignment.shadow is not None and self.shadow is not None:
+                self.shadow.submit(assignment.shadow, images, records)
+            else:
+                for record in records:
+                    self.logs.predictions.record(record)
+        return answers
 
-    def answer_predict(self, body: bytes, content_type: str | None) -> bytes:
+    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> bytes:
         """The JSON answer to `POST /predict`, shared by the route and the fast path; raises a refusal."""
-        prediction = service.predict_request(self.model().predictor, body, content_type)
-        self.log([prediction], "predict")
-        return json.dumps(prediction.as_dict()).encode()
+        assignment = self.assign(client_key)
+        pixels = service.parse_image(body, content_type)
+        predictions = service.predict(assignment.model.predictor, pixels)
+        return json.dumps(self.issue(assignment, pixels, predictions, "predict")[0]).encode()
 
     @route("POST", "/predict", responses=openapi.answers(openapi.PredictionOut), openapi_extra=openapi.SINGLE_BODY)
     async def predict(self, request: Request) -> Response:
@@ -128,32 +179,81 @@ class DigitService:
         `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
         preprocessed the MNIST way (see the description above)."""
         body = await read_body(request.receive, request.headers.get("content-length"))
-        return Response(self.answer_predict(body, request.headers.get("content-type")), media_type=JSON)
+        answer = self.answer_predict(body, request.headers.get("content-type"), request.headers.get(CLIENT_KEY))
+        return Response(answer, media_type=JSON)
 
     @route("POST", "/predict/batch", responses=openapi.answers(openapi.BatchOut), openapi_extra=openapi.BATCH_BODY)
     async def predict_batch(self, request: Request) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
-        answers in the same order. One bad image fails the request, naming its index."""
-        model = self.model()
+        answers in the same order, all from the same arm. One bad image fails the request, naming its index."""
+        assignment = self.assign(request.headers.get(CLIENT_KEY))
         body = await read_body(request.receive, request.headers.get("content-length"))
-        predictions = await run_in_threadpool(
-            service.predict_batch_request, model.predictor, body, request.headers.get("content-type")
+        pixels, predictions = await run_in_threadpool(
+            _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
-        self.log(predictions, "predict/batch")
-        return Response(json.dumps({"predictions": [p.as_dict() for p in predictions]}), media_type=JSON)
+        answers = self.issue(assignment, pixels, predictions, "predict/batch")
+        return Response(json.dumps({"predictions": answers}), media_type=JSON)
+
+    @route(
+        "POST",
+        "/feedback",
+        status_code=202,
+        responses=openapi.answers(openapi.FeedbackOut, openapi.FEEDBACK_ERRORS, status=202),
+        openapi_extra=openapi.FEEDBACK_BODY,
+    )
+    async def feedback(self, request: Request) -> Response:
+        """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
+        Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
+        body = await read_body(request.receive, request.headers.get("content-length"))
+        prediction_id, label = parse_feedback(body, request.headers.get("content-type"))
+        issued = self.issued.get(prediction_id)
+        if issued is None:
+            raise InputError(
+                f"unknown prediction_id {prediction_id[:64]!r}: not issued by this server (or long ago)", 404
+            )
+        if self.logs.feedback is not None:
+            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued))
+        answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
+        return Response(json.dumps(answer), status_code=202, media_type=JSON)
 
     @route("GET", "/health", responses={200: {"model": openapi.HealthOut}, 503: {"model": openapi.HealthOut}})
     async def health(self, _request: Request) -> Response:
-        """200 with the model version while a model is loaded; 503 while none is."""
+        """200 with the model version while a model is loaded; 503 while none is. Also the challenger, the
+        routing in force and the shadow's counts."""
         status = self.watcher.status()
         loaded = status["model_version"] is not None
-        answer = {"status": "ok" if loaded else "no model", **status}
+        shadow = self.shadow.status() if self.shadow else None
+        answer = {"status": "ok" if loaded else "no model", **status, **self.router.status(), "shadow": shadow}
         return Response(json.dumps(answer), status_code=200 if loaded else 503, media_type=JSON)
+
+    @route("GET", "/", include_in_schema=False)
+    async def index(self, _request: Request) -> Response:
+        """The draw-a-digit page."""
+        return self._static_file(page.INDEX)
+
+    @route("GET", "/static/{name}", include_in_schema=False)
+    async def static_file(self, request: Request) -> Response:
+        """The page's scripts and styles (a fixed set, read when the app was built)."""
+        return self._static_file(request.path_params["name"])
+
+    def _static_file(self, name: str) -> Response:
+        if name not in self.static:
+            raise InputError(f"no such file: {name[:64]!r}", 404)
+        content, media_type = self.static[name]
+        return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     def handlers(self) -> list[Callable]:
         """The methods marked with `@route` (bound), in the order the class (then subclasses) define them."""
         names = dict.fromkeys(name for cls in reversed(type(self).__mro__) for name in vars(cls))
         return [getattr(self, name) for name in names if hasattr(getattr(type(self), name, None), "route")]
+
+
+def _parse_and_predict_batch(
+    assignment: Assignment, body: bytes, content_type: str | None
+) -> tuple[np.ndarray, list[Prediction]]:
+    """`POST /predict/batch`'s CPU work, in a worker thread: the images (N, 28, 28) and their predictions."""
+    pixels = service.parse_batch(body, content_type)
+    return pixels, service.predict(assignment.model.predictor, pixels)
 
 
 def create_app(
@@ -162,9 +262,13 @@ def create_app(
     poll_seconds: float = 1.0,
     prediction_log: PredictionLog | None = None,
     fast_path: bool = True,
+    feedback_log: FeedbackLog | None = None,
+    challenger_root: str = CHALLENGER_ROOT,
+    routing_key: str = ROUTING_KEY,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    digits = DigitService(store, root, poll_seconds, prediction_log)
+    logs = Logs(prediction_log, feedback_log)
+    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key)
     app = FastAPI(
         title=openapi.TITLE,
         summary=openapi.SUMMARY,
@@ -221,7 +325,7 @@ class PredictFastPath:
     `answer` when the app is built with `fast_path=False`; refusals are answered by the same `refusal`
     (the tests check both paths give the same answers)."""
 
-    def __init__(self, app, answer: Callable[[bytes, str | None], bytes]) -> None:
+    def __init__(self, app, answer: Callable[[bytes, str | None, str | None], bytes]) -> None:
         self.app, self.answer = app, answer
 
     async def __call__(self, scope, receive, send) -> None:
@@ -229,10 +333,10 @@ class PredictFastPath:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        content_type, length = headers.get(b"content-type"), headers.get(b"content-length")
+        content_type, length = _header(headers, b"content-type"), _header(headers, b"content-length")
         try:
-            body = await read_body(receive, length.decode("latin-1") if length else None)
-            status, payload = 200, self.answer(body, content_type.decode("latin-1") if content_type else None)
+            body = await read_body(receive, length)
+            status, payload = 200, self.answer(body, content_type, _header(headers, CLIENT_KEY_BYTES))
         except Refusal as error:
             status, payload = refusal(error)
         except ClientDisconnect:
@@ -245,3 +349,12 @@ class PredictFastPath:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+CLIENT_KEY_BYTES = CLIENT_KEY.encode()
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    """A raw ASGI header as Starlette's `request.headers` gives it (latin-1), so both paths route alike."""
+    value = headers.get(name)
+    return value.decode("latin-1") if value is not None else None

@@ -2,6 +2,10 @@
 
     mnist-dagster serve [--host 127.0.0.1] [--port 8000] [--store LOCATION]
 
+Serves the production bundle under `serving/`, and a challenger under `serving-challenger/` as the
+routing file `serving-routing.json` says (see `serving/routing.py`); logs predictions under
+`prediction_log/` and client feedback under `feedback/`. `GET /` is a page to draw a digit on.
+
 LOCATION is a local folder or `s3://bucket/prefix` (boto3 reads AWS credentials, `AWS_REGION` and
 `AWS_ENDPOINT_URL` itself); it defaults to the dev data folder, `MNIST_DATA_DIR` or `<repo>/data`.
 """
@@ -13,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mnist_dagster.layout import SERVING_ROOT
+from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.storage import default_data_dir
 
 
@@ -27,9 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--store", default=None, help="local folder or s3://bucket/prefix (default: MNIST_DATA_DIR or <repo>/data)"
     )
     serve.add_argument("--root", default=SERVING_ROOT, help=f"bundle root inside the store (default {SERVING_ROOT!r})")
-    serve.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for a newly published model")
-    serve.add_argument("--log-flush-seconds", type=float, default=5.0, help="how often the prediction log is written")
-    serve.add_argument("--no-prediction-log", action="store_true", help="do not record served predictions")
+    serve.add_argument(
+        "--challenger-root", default=CHALLENGER_ROOT, help=f"challenger bundle root (default {CHALLENGER_ROOT!r})"
+    )
+    serve.add_argument(
+        "--routing-key", default=ROUTING_KEY, help=f"routing file in the store (default {ROUTING_KEY!r})"
+    )
+    serve.add_argument(
+        "--poll-seconds", type=float, default=1.0, help="how often to look for a newly published model or routing"
+    )
+    serve.add_argument(
+        "--log-flush-seconds", type=float, default=5.0, help="how often the prediction and feedback logs are written"
+    )
+    serve.add_argument(
+        "--no-prediction-log", action="store_true", help="do not record served predictions (nor shadow-score)"
+    )
     return parser
 
 
@@ -37,13 +53,22 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from mnist_dagster.serving.app import create_app
+    from mnist_dagster.serving.feedback import FeedbackLog
     from mnist_dagster.serving.prediction_log import PredictionLog
     from mnist_dagster.storage import open_store
 
     location = args.store or str(default_data_dir())  # the dev data folder, as the Dagster resources compute it
     store = open_store(location)
     prediction_log = None if args.no_prediction_log else PredictionLog(store, flush_seconds=args.log_flush_seconds)
-    app = create_app(store, root=args.root, poll_seconds=args.poll_seconds, prediction_log=prediction_log)
+    app = create_app(
+        store,
+        root=args.root,
+        poll_seconds=args.poll_seconds,
+        prediction_log=prediction_log,
+        feedback_log=FeedbackLog(store, flush_seconds=args.log_flush_seconds),
+        challenger_root=args.challenger_root,
+        routing_key=args.routing_key,
+    )
     logging.getLogger("mnist_dagster.serving").info("Serving models from %s (root %r)", location, args.root)
     # uvloop and httptools are picked automatically where installed; no access log on the request path.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")

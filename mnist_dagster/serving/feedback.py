@@ -1,0 +1,99 @@
+"""True labels for earlier predictions: `POST /feedback` `{"prediction_id": "...", "label": 7}`.
+
+The server remembers the ids it issued (`IssuedPredictions`, with the arm and model version that
+answered), so feedback is accepted only for a prediction this server made, and the feedback line says
+which model it judges without a join. Lines go under `feedback/`, written off the request path by the
+shared JSON-lines writer (`serving/jsonl.py`), one per accepted post:
+
+    feedback/date=YYYY-MM-DD/<UTC time>-<host>-<pid>-<sequence>.jsonl
+    {"time": ISO-8601 UTC, "prediction_id": 32 hex, "label": 0-9, "arm": "production" | "challenger",
+     "model_version": str}
+
+A client may correct itself: several lines for one id can exist, and the latest is the one to believe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mnist_dagster.layout import FEEDBACK_PREFIX
+from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
+from mnist_dagster.serving.preprocess import InputError
+from mnist_dagster.serving.service import JSON_TYPE, json_object, media_type
+from mnist_dagster.storage import Store
+
+Label = tuple[str, str]  # (arm, model version) of an issued prediction; one shared tuple per pair
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRecord:
+    time: float
+    prediction_id: str
+    label: int
+    arm: str
+    model_version: str
+
+    def line(self) -> dict[str, Any]:
+        return {
+            "prediction_id": self.prediction_id,
+            "label": self.label,
+            "arm": self.arm,
+            "model_version": self.model_version,
+        }
+
+
+class FeedbackLog(JsonLinesLog):
+    """The JSON-lines writer under `feedback/`, taking `FeedbackRecord`s."""
+
+    def __init__(self, store: Store, prefix: str = FEEDBACK_PREFIX, flush_seconds: float = 5.0) -> None:
+        super().__init__(store, prefix, flush_seconds)
+
+
+def read_feedback(store: Store, prefix: str = FEEDBACK_PREFIX) -> list[dict]:
+    """Every feedback line, oldest object first: what an evaluation of the arms reads."""
+    return read_json_lines(store, prefix)
+
+
+class IssuedPredictions:
+    """The prediction ids this server issued, with their (arm, version), bounded in memory.
+
+    Two generations of dicts rather than an LRU: adding is one dict store, and when the newer generation
+    holds `capacity // 2` ids the older one is dropped whole. So the newest `capacity // 2` ids are always
+    remembered, at most `capacity` are held (about 110 MB for 1,000,000), and nothing is ever scanned.
+    Used from the event loop only (the batch route records its ids back on the loop).
+    """
+
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        self.generation_size = max(1, capacity // 2)
+        self._newer: dict[str, Label] = {}
+        self._older: dict[str, Label] = {}
+
+    def add(self, prediction_id: str, label: Label) -> None:
+        if len(self._newer) >= self.generation_size:
+            self._older, self._newer = self._newer, {}
+        self._newer[prediction_id] = label
+
+    def get(self, prediction_id: str) -> Label | None:
+        return self._newer.get(prediction_id) or self._older.get(prediction_id)
+
+    def __len__(self) -> int:
+        return len(self._newer) + len(self._older)
+
+
+def parse_feedback(body: bytes, content_type: str | None) -> tuple[str, int]:
+    """`{"prediction_id": str, "label": 0-9}` -> (id, label); raises `InputError` (400 bad JSON, 415, 422)."""
+    if media_type(content_type) != JSON_TYPE:
+        raise InputError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 415)
+    if not body:
+        raise InputError('empty body: send JSON {"prediction_id": "...", "label": 0-9}', 400)
+    document = json_object(body, allowed={"prediction_id", "label"})
+    missing = sorted({"prediction_id", "label"} - document.keys())
+    if missing:
+        raise InputError(f'missing field(s) {missing}: send {{"prediction_id": "...", "label": 0-9}}')
+    prediction_id, label = document["prediction_id"], document["label"]
+    if not isinstance(prediction_id, str):
+        raise InputError("'prediction_id' must be the string a prediction answered with")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 9:
+        raise InputError(f"'label' must be an integer digit 0-9 (got {label!r:.20})")
+    return prediction_id, label

@@ -1,0 +1,120 @@
+"""Shadow scoring: the challenger scores what production answered, off the request path.
+
+In shadow mode a request is answered by production as usual; its preprocessed images and their log
+records are handed to `ShadowScorer.submit`, which only enqueues. One background thread takes what is
+queued, scores it with the challenger in batches (one ONNX call for up to `max_batch` images: far less
+CPU per image than one call each, so the shadow takes little from the production path it shares the
+machine with), writes `shadow_digit` and `shadow_version` into the records and hands them to the
+prediction log. The queue is bounded in images (`max_images`): when it is full the request's records
+are logged at once without the shadow's digit and counted as dropped, so the request never waits and
+no prediction goes unlogged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
+from mnist_dagster.serving.service import LoadedModel
+
+logger = logging.getLogger("mnist_dagster.serving")
+
+
+@dataclass(frozen=True)
+class _Job:
+    model: LoadedModel
+    pixels: np.ndarray  # float32 (N, 28, 28), the images production saw
+    records: list[PredictionRecord]  # one per image, logged once scored
+
+
+_STOP = object()
+
+
+class ShadowScorer:
+    def __init__(self, prediction_log: PredictionLog, max_images: int = 2048, max_batch: int = 64) -> None:
+        self.prediction_log, self.max_images, self.max_batch = prediction_log, max_images, max_batch
+        self.scored = self.dropped = self.failed = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queued_images = 0
+        self._lock = threading.Lock()  # guards `_queued_images` between the request path and the worker
+        self._thread: threading.Thread | None = None
+
+    def submit(self, model: LoadedModel, pixels: np.ndarray, records: list[PredictionRecord]) -> None:
+        """On the request path: enqueue for the challenger, or (queue full) log the records as they are."""
+        with self._lock:
+            accepted = self._queued_images + len(records) <= self.max_images
+            if accepted:
+                self._queued_images += len(records)
+            else:
+                self.dropped += len(records)
+        if accepted:
+            self._queue.put(_Job(model, pixels.reshape(-1, 28, 28), records))
+        else:
+            self._log(records)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="shadow-scorer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Score and log what is queued, then stop (before the prediction log stops)."""
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def status(self) -> dict[str, int]:
+        return {"queued": self._queued_images, "scored": self.scored, "dropped": self.dropped, "failed": self.failed}
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            jobs, stopping = self._next_jobs()
+            if jobs:
+                self._score(jobs)
+
+    def _next_jobs(self) -> tuple[list[_Job], bool]:
+        """What is queued, up to about `max_batch` images (waiting for the first); and whether to stop after."""
+        item = self._queue.get()
+        jobs, images = [], 0
+        while item is not _STOP:
+            jobs.append(item)
+            images += len(item.records)
+            if images >= self.max_batch:
+                return jobs, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs, False
+        return jobs, True
+
+    def _score(self, jobs: list[_Job]) -> None:
+        """One ONNX call per challenger version among `jobs` (normally one), then log every record."""
+        for model in {id(job.model): job.model for job in jobs}.values():
+            batch = [job for job in jobs if job.model is model]
+            try:
+                probabilities = model.predictor.predict_proba(np.concatenate([job.pixels for job in batch])[:, None])
+                digits = probabilities.argmax(axis=1).tolist()
+            except Exception:  # noqa: BLE001 - a challenger failure must not cost production its log lines
+                logger.exception("shadow scoring with challenger %s failed; logging without it", model.version)
+                digits = None
+            records = [record for job in batch for record in job.records]
+            for index, record in enumerate(records):
+                if digits is not None:
+                    record.shadow_digit, record.shadow_version = digits[index], model.version
+            self._log(records)
+            with self._lock:
+                self._queued_images -= len(records)
+                if digits is None:
+                    self.failed += len(records)
+                else:
+                    self.scored += len(records)
+
+    def _log(self, records: list[PredictionRecord]) -> None:
+        for record in records:
+            self.prediction_log.record(record)
