@@ -9,18 +9,11 @@ import dagster as dg
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.config import TrainingConfig, training_config
 from mnist_dagster.assets.metadata import png_markdown, table
+from mnist_dagster.assets.training import train_and_record
 from mnist_dagster.layout import PRODUCTION_ROOT
-from mnist_dagster.resources.compute import ComputeResource
+from mnist_dagster.resources.compute import GPU_TRAINING_POD, ComputeResource
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.storage import StorageResource
-
-# Dagster+ Hybrid on Kubernetes (k8s executor): the training step's pod gets one GPU. Ignored elsewhere.
-GPU_TRAINING_POD = {
-    "container_config": {
-        "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
-    },
-    "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-}
 
 
 @dg.asset(
@@ -38,62 +31,33 @@ def digit_classifier(
     compute: ComputeResource,
     mlflow: MlflowTracking,
 ) -> dg.Output:
-    """A small CNN (conv-BN-ReLU-pool stages, MLP head) trained with AdamW and a one-cycle schedule,
-    exported once to ONNX, and recorded as one MLflow run with the data it saw."""
-    import mlflow as mlflow_lib
-
-    from mnist_dagster.ml import data, plots, train
-    from mnist_dagster.ml.model import checkpoint_to_bytes, export_onnx
-
-    split = data.NormalisedSplit.from_dict(processed_mnist_data)
-    settings, device = training_config(config), compute.resolve_device()
-
-    def log_epoch(stats: train.EpochStats) -> None:
-        context.log.info(
-            f"epoch {stats.epoch}/{settings.epochs}: train_loss={stats.train_loss:.4f} "
-            f"val_accuracy={stats.val_accuracy:.4f} ({stats.seconds:.1f}s)"
-        )
-        mlflow_lib.log_metrics(
-            {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy, "learning_rate": stats.learning_rate},
-            step=stats.epoch,
-        )
-
-    with mlflow.start_run(run_name=f"train-{context.run_id[:8]}", tags={"dagster_run_id": context.run_id}) as run:
-        mlflow_lib.log_params({**settings.as_params(), "device": device, "train_size": len(split.train_labels)})
-        mlflow.log_training_data(
-            split.train_images.numpy(), split.train_labels.numpy(),
-            source=processed_mnist_data["source"], digest=processed_mnist_data["data_version"],
-        )  # fmt: skip
-        trained = train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
-        onnx = export_onnx(trained.checkpoint)
-        curve = plots.training_curve_png([h.train_loss for h in trained.history], [h.val_accuracy for h in trained.history])
-        mlflow_lib.log_metric("training_seconds", trained.seconds)
-        mlflow.log_png(curve, "training_curve.png")
-        mlflow_lib.log_dict(trained.checkpoint["config"], "architecture.json")
-        model_uri = mlflow.log_model(onnx, checkpoint_to_bytes(trained.checkpoint), _input_example(split))
-        run_id = run.info.run_id
-
-    final = trained.history[-1]
+    """The digit classifier: the candidate `config` names (cnn-fast by default: a small CNN) trained with
+    AdamW and a one-cycle schedule, exported once to ONNX, and recorded as one MLflow run with the data
+    it saw."""
+    settings = training_config(config)
+    record = train_and_record(
+        context.log, processed_mnist_data, settings, compute, mlflow,
+        run_name=f"train-{context.run_id[:8]}", tags={"dagster_run_id": context.run_id},
+        params={"candidate": config.candidate},
+    )  # fmt: skip
+    history = record.trained.history
     return dg.Output(
-        {**trained.checkpoint, "onnx": onnx, "mlflow_run_id": run_id, "mlflow_model_uri": model_uri},
+        record.stored_value(),
         metadata={
-            "val_accuracy": final.val_accuracy,
+            "val_accuracy": history[-1].val_accuracy,
+            "candidate": config.candidate,
+            "architecture": settings.architecture,
+            "augmentation": settings.augmentation,
             "epochs": settings.epochs,
-            "training_seconds": round(trained.seconds, 2),
-            "parameters": trained.parameters,
-            "device": device,
-            "train_loss": dg.MetadataValue.json([round(h.train_loss, 5) for h in trained.history]),
-            "training_curve": png_markdown(curve, "training curve"),
-            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
-            "mlflow_run_id": run_id,
+            "training_seconds": round(record.trained.seconds, 2),
+            "parameters": record.trained.parameters,
+            "device": compute.resolve_device(),
+            "train_loss": dg.MetadataValue.json([round(h.train_loss, 5) for h in history]),
+            "training_curve": png_markdown(record.curve_png, "training curve"),
+            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(record.run_id)),
+            "mlflow_run_id": record.run_id,
         },
     )
-
-
-def _input_example(split, count: int = 2):
-    """A few validation images as the model takes them: float32 (N, 1, 28, 28) in [0, 1], unnormalised."""
-    pixels = split.val_images[:count] * split.std + split.mean
-    return pixels.clamp(0, 1).numpy()
 
 
 @dg.asset(

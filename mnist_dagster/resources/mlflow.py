@@ -80,6 +80,21 @@ class MlflowTracking(dg.ConfigurableResource):
         with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs) as run:
             yield run
 
+    def create_parent_run(self, run_name: str, tags: dict[str, str]) -> str:
+        """A run that groups others (a sweep's candidates point at it with `mlflow.parentRunId`), left
+        open until `finish_run`; tagged with the Dagster run, so a killed sweep's parent is closed too."""
+        _, client = self._client()
+        return client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
+
+    def finish_run(self, run_id: str, metrics: dict[str, float] | None = None, table: dict | None = None) -> None:
+        """Log a summary on `run_id` (metrics, a JSON table artifact) and mark it FINISHED."""
+        _, client = self._client()
+        for key, value in (metrics or {}).items():
+            client.log_metric(run_id, key, value)
+        if table is not None:
+            client.log_dict(run_id, table, "leaderboard.json")
+        client.set_terminated(run_id, status="FINISHED")
+
     def run_url(self, run_id: str) -> str:
         _, client = self._client()
         experiment_id = client.get_run(run_id).info.experiment_id
