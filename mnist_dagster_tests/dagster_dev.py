@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from mnist_dagster_tests.conftest import REPO_ROOT, free_port
+from mnist_dagster_tests.support import REPO_ROOT, free_port
 
 #: Variables of this project and of Dagster that a developer's shell may set; the test sets its own.
 ISOLATED_PREFIXES = ("DAGSTER_", "MNIST_", "MLFLOW_", "SLACK_", "S3_", "AWS_")

@@ -1,7 +1,8 @@
 """A real S3 API for the prod tests: moto's server on 127.0.0.1, reached over HTTP like any S3.
 
-Import the fixtures into a test module (`from mnist_dagster_tests.s3_server import prod_env, s3_endpoint`).
-The environment is made hermetic: dummy credentials, no AWS config files, no instance metadata.
+The fixtures (`s3_endpoint`, `prod_env`) reach every test through `pytest_plugins` in `conftest.py`;
+tests import only the helpers (`s3_client`, `bucket_keys`). The environment is made hermetic: dummy
+credentials, no AWS config files, no instance metadata.
 """
 
 import uuid

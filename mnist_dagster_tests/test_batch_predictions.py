@@ -15,8 +15,7 @@ from mnist_dagster.serving import bundle
 from mnist_dagster.serving.batch import LEDGER_KEY, PREDICTION_COLUMNS, REJECTED_COLUMNS
 from mnist_dagster.serving.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.conftest import generated_digits
-from mnist_dagster_tests.serving_fixtures import generated_bundle, real_bundle, real_digits  # noqa: F401 - fixtures
+from mnist_dagster_tests.support import generated_digits
 
 
 @pytest.fixture
@@ -25,7 +24,7 @@ def store(dev_env) -> LocalStore:
 
 
 @pytest.fixture
-def production(store, generated_bundle) -> bundle.Bundle:  # noqa: F811
+def production(store, generated_bundle) -> bundle.Bundle:
     bundle.publish(store, PRODUCTION_ROOT, generated_bundle)
     return generated_bundle
 
@@ -148,7 +147,7 @@ def test_without_a_production_model_it_fails_saying_why(dev_test_resources, inst
     assert not store.exists(LEDGER_KEY)  # nothing recorded as scored
 
 
-def test_real_digits_scored_from_npz_and_drawings(dev_test_resources, instance, store, real_bundle, real_digits):  # noqa: F811
+def test_real_digits_scored_from_npz_and_drawings(dev_test_resources, instance, store, real_bundle, real_digits):
     """Real MNIST digits, as an `.npz` batch and as black-on-white drawings of another size."""
     from PIL import Image
 

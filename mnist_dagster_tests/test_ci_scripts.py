@@ -3,11 +3,11 @@
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from mnist_dagster_tests.support import REPO_ROOT
+
 SCRIPTS = REPO_ROOT / "scripts"
 
 

@@ -5,6 +5,7 @@ import sys
 
 import dagster as dg
 
+from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA
 from mnist_dagster.definitions import build_defs
 
 ASSET_GRAPH = {
@@ -38,14 +39,20 @@ def test_processed_data_checks_block_and_training_follows_automatically(tmp_path
     specs = list(defs.get_assets_def("processed_mnist_data").check_specs)
     assert {spec.name for spec in specs} == {"shapes", "label_range", "class_balance", "no_nan"}
     assert all(spec.blocking for spec in specs)
-    for key in (
-        "processed_mnist_data",
-        "digit_classifier",
-        "model_evaluation",
-        "production_digit_classifier",
-        "digit_predictions",
-    ):
-        assert graph.get(dg.AssetKey(key)).automation_condition is not None, key
+    conditions = {key.to_user_string(): graph.get(key).automation_condition for key in graph.get_all_asset_keys()}
+    expected = {
+        "raw_mnist_data": None,  # started by new_labelled_data_sensor
+        "processed_mnist_data": RETRAIN_ON_NEW_DATA,
+        "digit_classifier": RETRAIN_ON_NEW_DATA,
+        "model_evaluation": RETRAIN_ON_NEW_DATA,
+        "production_digit_classifier": RETRAIN_ON_NEW_DATA,
+        # the same condition, not waiting on raw_mnist_data (it only reads its test images)
+        "digit_predictions": RETRAIN_ON_NEW_DATA.ignore(dg.AssetSelection.assets("raw_mnist_data")),
+        "batch_digit_predictions": None,  # the nightly schedule's
+    }
+    # Conditions compare by structure: plain eager(), even under the same label, is not equal.
+    assert {key: conditions[key] for key in expected} == expected
+    assert RETRAIN_ON_NEW_DATA != dg.AutomationCondition.eager().with_label(RETRAIN_ON_NEW_DATA.get_label())
 
 
 def test_loading_the_code_location_imports_no_heavy_library():

@@ -20,8 +20,7 @@ from mnist_dagster.ml.model import load_checkpoint
 from mnist_dagster.resources import prod_resources
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.mnist_source import MnistSource
-from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, generated_digits, pipeline_assets_and_checks
-from mnist_dagster_tests.s3_server import prod_env, s3_endpoint  # noqa: F401 - fixtures
+from mnist_dagster_tests.support import FAST_RUN_CONFIG, generated_digits, pipeline_assets_and_checks
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")

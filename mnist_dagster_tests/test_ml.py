@@ -11,7 +11,7 @@ import torch
 
 from mnist_dagster.ml import data, evaluate, model, plots, train
 from mnist_dagster.ml.config import TrainingConfig
-from mnist_dagster_tests.conftest import generated_digits, serve_folder, write_mnist_mirror
+from mnist_dagster_tests.support import generated_digits, serve_folder, write_mnist_mirror
 
 
 @pytest.fixture
@@ -124,17 +124,16 @@ def test_labelled_batch_validation():
     got_images, got_labels = data.read_labelled_batch(_npz(images=images, labels=labels))
     assert got_images.shape == (20, 28, 28) and got_labels.dtype == torch.int64
     bad = {
-        "no labels": _npz(images=images),
-        "float images": _npz(images=images.astype(np.float32), labels=labels),
-        "wrong shape": _npz(images=images[:, :27], labels=labels),
-        "label 10": _npz(images=images, labels=np.full(20, 10)),
-        "length mismatch": _npz(images=images, labels=labels[:5]),
-        "not npz": b"hello",
+        "no labels": (_npz(images=images), "missing array: labels"),
+        "float images": (_npz(images=images.astype(np.float32), labels=labels), "images must be uint8 N x 28 x 28"),
+        "wrong shape": (_npz(images=images[:, :27], labels=labels), "images must be uint8 N x 28 x 28"),
+        "label 10": (_npz(images=images, labels=np.full(20, 10)), "digits 0-9"),
+        "length mismatch": (_npz(images=images, labels=labels[:5]), "labels must be N integers for N=20"),
+        "not npz": (b"hello", "not a readable .npz"),
     }
-    for name, payload in bad.items():
-        with pytest.raises(data.LabelledBatchError):
+    for payload, complaint in bad.values():
+        with pytest.raises(data.LabelledBatchError, match=complaint):
             data.read_labelled_batch(payload)
-        assert name
 
 
 def test_checkpoint_round_trips_with_weights_only_and_refuses_foreign_dicts():
@@ -190,6 +189,10 @@ def test_random_shift_moves_pixels_without_changing_mass():
     image[0, 0, 10:14, 10:14] = 1.0
     shifted = train.random_shift(image, 2, torch.Generator().manual_seed(1))
     assert shifted.shape == image.shape and shifted.sum() == image.sum()
+    rows, cols = shifted[0, 0].nonzero(as_tuple=True)
+    moved = (rows.min().item() - 10, cols.min().item() - 10)
+    assert moved != (0, 0) and max(map(abs, moved)) <= 2  # moved, by at most max_shift
+    assert torch.equal(shifted[0, 0, 10 + moved[0] : 14 + moved[0], 10 + moved[1] : 14 + moved[1]], torch.ones(4, 4))
 
 
 def test_resolve_device():

@@ -9,7 +9,7 @@ import numpy as np
 from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.serving import bundle
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
+from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
 
 
 def materialize_all(resources, instance, run_config=FAST_RUN_CONFIG):

@@ -23,9 +23,8 @@ from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.layout import INBOX_PREFIX, SERVING_ROOT
 from mnist_dagster.serving import bundle
 from mnist_dagster.storage import S3Store, StorageSettingsError, open_store
-from mnist_dagster_tests.conftest import FAST_RUN_CONFIG, PIPELINE_ASSETS, generated_digits, pipeline_assets_and_checks
-from mnist_dagster_tests.s3_server import bucket_keys, prod_env, s3_endpoint  # noqa: F401 - fixtures
-
+from mnist_dagster_tests.s3_server import bucket_keys
+from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, generated_digits, pipeline_assets_and_checks
 
 
 def materialize_pipeline(resources: dict, instance) -> dg.ExecuteInProcessResult:

@@ -5,7 +5,7 @@ import mlflow
 import pytest
 
 from mnist_dagster.resources import dev_resources
-from mnist_dagster_tests.conftest import pipeline_assets_and_checks, serve_folder
+from mnist_dagster_tests.support import pipeline_assets_and_checks, serve_folder
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 

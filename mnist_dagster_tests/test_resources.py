@@ -7,7 +7,6 @@ resource keys and types. A wrong setting is an error at load time that names the
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 try:
     import tomllib
@@ -32,8 +31,8 @@ from mnist_dagster.resources.mlflow import MlflowTracking, redact_uri
 from mnist_dagster.resources.s3 import S3StorageResource
 from mnist_dagster.resources.storage import LocalStorageResource
 from mnist_dagster.storage import default_data_dir
+from mnist_dagster_tests.support import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROD_ENV = {  # dummy values: enough to load the definitions, nothing is contacted
     "S3_BUCKET": "example-bucket",
     "AWS_ACCESS_KEY_ID": "dummy",

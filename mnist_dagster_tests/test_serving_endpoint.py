@@ -22,15 +22,8 @@ from mnist_dagster.serving import bundle
 from mnist_dagster.serving.prediction_log import read_prediction_log
 from mnist_dagster.serving.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.conftest import generated_digits
-from mnist_dagster_tests.serving_fixtures import (  # noqa: F401 - fixtures
-    generated_bundle,
-    real_bundle,
-    real_digits,
-    running_server,
-    untrained_bundle,
-    wait_for,
-)
+from mnist_dagster_tests.serving_support import running_server, untrained_bundle
+from mnist_dagster_tests.support import generated_digits, wait_for
 
 
 @pytest.fixture
@@ -58,7 +51,7 @@ def drawing(image: np.ndarray, side: int = 84) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def test_503_without_a_model_then_serves_one_published_later_without_restart(store_dir, generated_bundle):  # noqa: F811
+def test_503_without_a_model_then_serves_one_published_later_without_restart(store_dir, generated_bundle):
     with running_server(store_dir) as url:
         response = health(url)
         assert response.status_code == 503
@@ -72,7 +65,7 @@ def test_503_without_a_model_then_serves_one_published_later_without_restart(sto
         assert served["model_version"] == generated_bundle.version
 
 
-def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_bundle, real_digits):  # noqa: F811
+def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_bundle, real_digits):
     images, labels = real_digits
     bundle.publish(LocalStore(store_dir), SERVING_ROOT, real_bundle)
     with running_server(store_dir) as url:
@@ -107,7 +100,7 @@ def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_b
         assert [p["digit"] for p in batch.json()["predictions"]] == digits[:20].tolist()
 
 
-def test_hot_swaps_new_bundles_refuses_corrupt_ones_and_logs_what_it_served(store_dir, generated_bundle):  # noqa: F811
+def test_hot_swaps_new_bundles_refuses_corrupt_ones_and_logs_what_it_served(store_dir, generated_bundle):
     store = LocalStore(store_dir)
     bundle.publish(store, SERVING_ROOT, generated_bundle)
     images, _ = generated_digits(4, seed=21)
@@ -197,7 +190,7 @@ BAD_BATCH = [
 ]
 
 
-def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(store_dir, generated_bundle):  # noqa: F811
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(store_dir, generated_bundle):
     bundle.publish(LocalStore(store_dir), SERVING_ROOT, generated_bundle)
     with running_server(store_dir) as url, httpx.Client(base_url=url, timeout=10) as client:
         for name, content_type, body, status, phrase in BAD_SINGLE:
@@ -226,7 +219,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(store_dir, gene
 
 
 @pytest.fixture
-def with_production(dev_env, generated_bundle) -> LocalStore:  # noqa: F811
+def with_production(dev_env, generated_bundle) -> LocalStore:
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
     bundle.publish(store, PRODUCTION_ROOT, generated_bundle)
     return store
@@ -252,7 +245,7 @@ def test_digit_predictions_publishes_checks_and_the_running_server_follows(
     dev_env,
     instance,
     with_production,
-    generated_bundle,  # noqa: F811
+    generated_bundle,
 ):
     with running_server(Path(dev_env["MNIST_DATA_DIR"])) as url:
         assert health(url).status_code == 503  # nothing published to the serving location yet
@@ -299,7 +292,7 @@ def test_digit_predictions_publishes_a_weak_model_the_serving_path_answers_faith
 
 
 def test_digit_predictions_refuses_a_serving_path_that_answers_differently(
-    dev_test_resources, dev_env, instance, monkeypatch, generated_bundle  # noqa: F811
+    dev_test_resources, dev_env, instance, monkeypatch, generated_bundle
 ):
     """A preprocessing bug (here: the image transposed on its way to the model) gives other answers than
     the model's own on the same pixels: nothing is published."""

@@ -13,7 +13,8 @@ from mnist_dagster.layout import SERVING_ROOT
 from mnist_dagster.serving import bundle
 from mnist_dagster.serving.app import DigitService, create_app
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.serving_fixtures import generated_model, wait_for
+from mnist_dagster_tests.serving_support import generated_model
+from mnist_dagster_tests.support import wait_for
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -30,7 +30,7 @@ from mnist_dagster.layout import SERVING_ROOT
 from mnist_dagster.serving import bundle, service
 from mnist_dagster.serving.preprocess import InputError, mnist_format, mnist_format_many
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.serving_fixtures import generated_model, running_server
+from mnist_dagster_tests.serving_support import generated_model, running_server
 
 # Fresh random examples on every local run; a fixed sequence in CI, so a landing never hangs on luck.
 FUZZ = settings(

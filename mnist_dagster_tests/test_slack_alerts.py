@@ -14,8 +14,8 @@ from mnist_dagster.definitions import build_defs
 from mnist_dagster.resources.slack import SlackAlerts, slack_alerts
 from mnist_dagster.sensors.ml_sensors import slack_on_model_not_deployed, slack_on_run_failure
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.conftest import generated_digits, pipeline_assets_and_checks
 from mnist_dagster_tests.slack_stub_server import SlackStub
+from mnist_dagster_tests.support import generated_digits, pipeline_assets_and_checks
 
 TOKEN = "xoxb-test-0000-secret-token"
 WEBSERVER = "http://dagster.example:3000"

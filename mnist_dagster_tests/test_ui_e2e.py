@@ -26,7 +26,6 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from mnist_dagster_tests.conftest import serve_folder
 from mnist_dagster_tests.dagster_dev import (
     DagsterDev,
     dotenv_overrides,
@@ -36,6 +35,7 @@ from mnist_dagster_tests.dagster_dev import (
     running_dagster_dev,
     write_instance_home,
 )
+from mnist_dagster_tests.support import serve_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(1800)]
 

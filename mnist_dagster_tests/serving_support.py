@@ -1,0 +1,132 @@
+"""Models and servers for the inference tests: small models trained in seconds, a real uvicorn process.
+
+Trained models are cached per process (`functools.cache`), so every test module that asks for one
+(directly or through the fixtures in `serving_fixtures.py`) shares one training each.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from mnist_dagster.serving.bundle import Bundle, Predictor, make_bundle
+from mnist_dagster_tests.support import FAST_TRAINING, free_port, generated_digits
+
+
+def train_bundle(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    version: str,
+    **training: object,
+) -> Bundle:
+    """Train through `ml.train.fit`, as `digit_classifier` does; the bundle records its real test accuracy."""
+    import torch
+
+    from mnist_dagster.ml import data, model
+    from mnist_dagster.ml.config import TrainingConfig
+    from mnist_dagster.ml.train import fit
+
+    raw = {
+        "train_images": torch.from_numpy(train[0]),
+        "train_labels": torch.from_numpy(train[1].astype(np.int64)),
+        "test_images": torch.from_numpy(test[0]),
+        "test_labels": torch.from_numpy(test[1].astype(np.int64)),
+    }
+    split = data.normalise_and_split(raw, val_fraction=0.1, seed=0)
+    onnx = model.export_onnx(fit(split, TrainingConfig.from_mapping(training)).checkpoint)
+    unversioned = make_bundle(version, onnx)
+    accuracy = float((predict_digits(Predictor(unversioned), test[0]) == test[1]).mean())
+    return make_bundle(version, onnx, test_accuracy=accuracy)
+
+
+def predict_digits(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    return predictor.predict_proba(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255).argmax(axis=1)
+
+
+@functools.cache
+def generated_model(version: str = "1") -> Bundle:
+    """A tiny CNN on the generated digits (about a second): for tests that need a model, not a good one."""
+    return train_bundle(
+        generated_digits(1200, seed=1), generated_digits(300, seed=2), version, **FAST_TRAINING
+    )
+
+
+def untrained_bundle(version: str, claimed_accuracy: float) -> Bundle:
+    """A random-weight model whose manifest claims an accuracy it does not have."""
+    from mnist_dagster.ml import model
+    from mnist_dagster.ml.config import TrainingConfig
+
+    architecture = model.ModelConfig.from_training(TrainingConfig.from_mapping(FAST_TRAINING))
+    onnx = model.export_onnx(model.make_checkpoint(model.DigitCNN(architecture), architecture, 0.1, 0.3))
+    return make_bundle(version, onnx, test_accuracy=claimed_accuracy)
+
+
+@functools.cache
+def real_test_set(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, train labels, test images, test labels) of real MNIST, uint8 and int64."""
+    from mnist_dagster.ml.data import MNIST_FILES, read_mnist
+
+    with tempfile.TemporaryDirectory() as folder:  # read_mnist decompresses beside the files: not in shared/
+        for name in MNIST_FILES:
+            shutil.copy(mnist_dir / name, folder)
+        tensors = read_mnist(Path(folder))
+    return tuple(tensors[name].numpy() for name in ("train_images", "train_labels", "test_images", "test_labels"))
+
+
+@functools.cache
+def real_model(mnist_dir: Path, version: str = "1") -> Bundle:
+    """The production architecture (TrainingConfig defaults), one epoch on 10k real images: ~97% in seconds."""
+    train_images, train_labels, test_images, test_labels = real_test_set(mnist_dir)
+    return train_bundle((train_images[:10_000], train_labels[:10_000]), (test_images, test_labels), version, epochs=1)
+
+
+@contextmanager
+def running_server(store_dir: Path, *extra_args: str, poll_seconds: float = 0.2) -> Iterator[str]:
+    """`mnist-dagster serve` as a real process on 127.0.0.1; yields its base URL, stops it gracefully."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mnist_dagster.serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--store", str(store_dir), "--poll-seconds", str(poll_seconds), *extra_args,
+    ]  # fmt: skip
+    log_path = store_dir.parent / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_listening(url, process, log_path)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully: lifespan ends, the log flushes
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_listening(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not start within {timeout} s:\n{log_path.read_text()}")
+
