@@ -102,6 +102,7 @@ def test_everything_automatic_is_on_when_the_code_location_loads(dev_env):
         "automation_sensor": dg.DefaultSensorStatus.RUNNING,
         "slack_on_run_failure": dg.DefaultSensorStatus.RUNNING,
         "slack_on_model_not_deployed": dg.DefaultSensorStatus.RUNNING,
+        "close_orphaned_mlflow_runs": dg.DefaultSensorStatus.RUNNING,
     }
 
 
@@ -189,3 +190,10 @@ def test_dagster_yaml_queues_runs_and_limits_the_training_pool(tmp_path, monkeyp
     assert Path(tmp_path / ".dagster_home" / "storage" / "history" / "runs.db").is_file()
     with dg.DagsterInstance.from_config(str(home)) as reopened:  # a restart
         assert reopened.get_run_by_id(run.run_id) is not None
+
+
+def test_the_schedule_time_zone_comes_from_the_env_the_definitions_are_built_with(tmp_path):
+    from mnist_dagster.definitions import build_defs
+
+    defs = build_defs("dev", {"MNIST_DATA_DIR": str(tmp_path), TIMEZONE_ENV: "Asia/Tokyo"})
+    assert defs.get_schedule_def("nightly_batch_predictions").execution_timezone == "Asia/Tokyo"
