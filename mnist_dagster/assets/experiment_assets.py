@@ -22,7 +22,7 @@ from mnist_dagster.assets.training import train_and_record
 from mnist_dagster.ml.config import CANDIDATES
 from mnist_dagster.resources.compute import GPU_TRAINING_POD, ComputeResource
 from mnist_dagster.resources.io_manager import READS_ASSET
-from mnist_dagster.resources.mlflow import MlflowTracking
+from mnist_dagster.resources.mlflow import STARTED_BY_TAG, MlflowTracking
 
 CANDIDATE_LEADERBOARD = dg.AssetKey("candidate_leaderboard")
 LEADERBOARD_COLUMNS = [
@@ -51,7 +51,7 @@ def plan_sweep(context: dg.OpExecutionContext, config: SweepConfig, mlflow: Mlfl
     unknown = [name for name in config.candidates if name not in CANDIDATES]
     if unknown or not config.candidates:
         raise dg.Failure(f"unknown or no candidates {unknown}; choose from {', '.join(CANDIDATES)}", allow_retries=False)
-    parent = mlflow.create_parent_run(f"sweep-{context.run_id[:8]}", {"dagster_run_id": context.run_id})
+    parent = mlflow.create_parent_run(f"sweep-{context.run_id[:8]}", {STARTED_BY_TAG: context.run_id})
     context.log.info(f"Sweeping {', '.join(config.candidates)} under MLflow run {parent}")
     overrides = {"epochs": config.epochs} if config.epochs else {}
     for name in config.candidates:
@@ -78,7 +78,7 @@ def train_candidate(
 
     name = plan["candidate"]
     settings = candidate(name, **plan["overrides"])
-    tags = {"dagster_run_id": context.run_id, "mlflow.parentRunId": plan["parent_run_id"], "candidate": name}
+    tags = {STARTED_BY_TAG: context.run_id, "mlflow.parentRunId": plan["parent_run_id"], "candidate": name}
     record = train_and_record(context.log, processed, settings, compute, mlflow, f"{name}-{context.run_id[:8]}", tags)
     test_accuracy = _test_accuracy(record, processed, compute.resolve_device())
     milliseconds = _onnx_ms_per_image(record.onnx, processed)

@@ -12,7 +12,7 @@ from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.assets.training import train_and_record
 from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.resources.compute import GPU_TRAINING_POD, ComputeResource
-from mnist_dagster.resources.mlflow import MlflowTracking
+from mnist_dagster.resources.mlflow import REOPENED_BY_TAG, STARTED_BY_TAG, MlflowTracking
 from mnist_dagster.resources.storage import StorageResource
 
 
@@ -37,7 +37,7 @@ def digit_classifier(
     settings = training_config(config)
     record = train_and_record(
         context.log, processed_mnist_data, settings, compute, mlflow,
-        run_name=f"train-{context.run_id[:8]}", tags={"dagster_run_id": context.run_id},
+        run_name=f"train-{context.run_id[:8]}", tags={STARTED_BY_TAG: context.run_id},
         params={"candidate": config.candidate},
     )  # fmt: skip
     history = record.trained.history
@@ -93,7 +93,8 @@ def model_evaluation(
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
     run_id = digit_classifier["mlflow_run_id"]
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
+        mlflow_lib.set_tag(REOPENED_BY_TAG, context.run_id)
         mlflow_lib.log_metrics(
             {"test_accuracy": result.accuracy, **{f"test_f1_digit_{row['digit']}": row["f1"] for row in per_class}}
         )

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 
 PRODUCTION_ALIAS = "production"
+STARTED_BY_TAG = "dagster_run_id"  # the Dagster run that started an MLflow run
+REOPENED_BY_TAG = "dagster_reopened_by"  # the Dagster run that reopened it last (model_evaluation)
 MLFLOW_UI_DEFAULT = "http://localhost:5000"  # where `mlflow ui` listens by default
 
 
@@ -177,11 +179,15 @@ class MlflowTracking(dg.ConfigurableResource):
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
                 return []
-            orphans = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.dagster_run_id = '{dagster_run_id}' AND attributes.status = 'RUNNING'",
-                max_results=1000,  # one Dagster run starts a handful of MLflow runs at most
-            )
+            orphans = [
+                run
+                for tag in (STARTED_BY_TAG, REOPENED_BY_TAG)  # MLflow filters have no OR: one search each
+                for run in client.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=f"tags.{tag} = '{dagster_run_id}' AND attributes.status = 'RUNNING'",
+                    max_results=1000,  # one Dagster run starts a handful of MLflow runs at most
+                )
+            ]
             reason = f"dagster run {dagster_run_id} ended {dagster_status}"
             for run in orphans:
                 client.set_tag(run.info.run_id, "mnist_dagster.closed_by", reason)
