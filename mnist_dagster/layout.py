@@ -10,9 +10,12 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
     landing/*.npz                      new labelled batches for training (images uint8 N x 28 x 28, labels)
     models/production/<v>/, CURRENT.json   the deployed bundle every prediction path reads
     serving/<v>/, CURRENT.json         the bundle the HTTP endpoint serves (published by digit_predictions)
+    serving-challenger/<v>/, CURRENT.json   the challenger it also serves in an A/B test or in shadow
+    serving-routing.json               how the endpoint splits traffic: strategy, challenger share
     inbox/                             images waiting for the nightly batch (*.png, *.jpg, *.npz)
     predictions/                       the nightly batch's Parquet tables (scored/, rejected/) and its ledger
     prediction_log/                    what the HTTP endpoint answered, as JSON lines
+    feedback/                          true labels clients sent for earlier predictions, as JSON lines
 """
 
 ASSETS_PREFIX = "assets"
@@ -21,9 +24,12 @@ CACHE_PREFIX = "cache"
 LANDING_PREFIX = "landing"
 PRODUCTION_ROOT = "models/production"
 SERVING_ROOT = "serving"
+CHALLENGER_ROOT = "serving-challenger"
+ROUTING_KEY = "serving-routing.json"
 INBOX_PREFIX = "inbox"
 PREDICTIONS_PREFIX = "predictions"
 PREDICTION_LOG_PREFIX = "prediction_log"
+FEEDBACK_PREFIX = "feedback"
 
 
 def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:

@@ -63,11 +63,3 @@ def real_mnist_dir() -> Path:
         pytest.skip(f"real MNIST files not found in {REAL_MNIST_DIR} (missing {', '.join(missing)}); set MNIST_TEST_DATA")
     return REAL_MNIST_DIR
 
-
-# TEMPORARY: two test files still being edited by others import these from here; removed once they import support.
-from mnist_dagster_tests.support import PIPELINE_ASSETS as PIPELINE_ASSETS  # noqa: E402
-from mnist_dagster_tests.support import REPO_ROOT as REPO_ROOT  # noqa: E402
-from mnist_dagster_tests.support import QuietHandler as QuietHandler  # noqa: E402
-from mnist_dagster_tests.support import free_port as free_port  # noqa: E402
-from mnist_dagster_tests.support import pipeline_assets_and_checks as pipeline_assets_and_checks  # noqa: E402
-from mnist_dagster_tests.support import serve_folder as serve_folder  # noqa: E402

@@ -25,7 +25,6 @@ import pytest
 
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.sensors.ml_sensors import KILLED_RUNS_TAG, close_orphaned_mlflow_runs
-from mnist_dagster_tests.support import REPO_ROOT, free_port, serve_folder, wait_for
 from mnist_dagster_tests.dagster_dev import (
     TERMINAL_RUN_STATUSES,
     DagsterDev,
@@ -36,6 +35,7 @@ from mnist_dagster_tests.dagster_dev import (
     running_dagster_dev,
     write_instance_home,
 )
+from mnist_dagster_tests.support import REPO_ROOT, free_port, serve_folder, wait_for
 
 #: Starts an MLflow run the way `digit_classifier` does, says so, then trains "forever".
 TRAINING_STAND_IN = """

@@ -17,7 +17,7 @@ from mnist_dagster.assets.automation import TRANSIENT_IO_RETRY
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.jobs.ml_jobs import TIMEZONE_ENV, nightly_batch_schedule, schedule_timezone
 from mnist_dagster.resources.mnist_source import MnistSource
-from mnist_dagster_tests.conftest import (
+from mnist_dagster_tests.support import (
     PIPELINE_ASSETS,
     REPO_ROOT,
     QuietHandler,

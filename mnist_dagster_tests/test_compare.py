@@ -1,0 +1,64 @@
+"""The statistics behind the gate and the A/B report, on constructed data with known answers."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from mnist_dagster.ml.compare import mcnemar_exact, two_proportion_test, wilson_interval
+
+
+def predictions_with(labels: np.ndarray, candidate_only: int, production_only: int, both_wrong: int = 0):
+    """Candidate and production predictions with exactly these discordant counts (the rest both right)."""
+    wrong = (labels + 1) % 10
+    candidate, production = labels.copy(), labels.copy()
+    production[:candidate_only] = wrong[:candidate_only]
+    block = slice(candidate_only, candidate_only + production_only)
+    candidate[block] = wrong[block]
+    both = slice(candidate_only + production_only, candidate_only + production_only + both_wrong)
+    candidate[both], production[both] = wrong[both], wrong[both]
+    return candidate, production
+
+
+def test_mcnemar_counts_only_the_discordant_images_and_matches_the_exact_binomial():
+    labels = np.arange(1000) % 10
+    candidate, production = predictions_with(labels, candidate_only=10, production_only=30, both_wrong=50)
+    result = mcnemar_exact(labels, candidate, production)
+    assert (result.candidate_only, result.production_only) == (10, 30)
+    assert result.candidate_accuracy == pytest.approx(1 - 80 / 1000)
+    assert result.production_accuracy == pytest.approx(1 - 60 / 1000)
+    assert result.p_value == pytest.approx(stats.binomtest(10, 40, 0.5).pvalue)
+    assert result.p_value < 0.01 and result.significantly_worse(0.05)
+
+
+def test_mcnemar_does_not_call_a_small_or_favourable_difference_worse():
+    labels = np.arange(10_000) % 10
+    equal = mcnemar_exact(labels, *predictions_with(labels, 20, 20))
+    assert equal.p_value == pytest.approx(1.0) and not equal.significantly_worse(0.05)
+    slightly = mcnemar_exact(labels, *predictions_with(labels, 18, 24))  # 6 images in 10,000: noise
+    assert slightly.candidate_is_worse and not slightly.significantly_worse(0.05)
+    better = mcnemar_exact(labels, *predictions_with(labels, 40, 10))
+    assert better.p_value < 0.05 and not better.significantly_worse(0.05)
+    identical = mcnemar_exact(labels, labels, labels)
+    assert identical.p_value == 1.0 and (identical.candidate_only, identical.production_only) == (0, 0)
+    with pytest.raises(ValueError):
+        mcnemar_exact(labels, labels[:5], labels)
+
+
+def test_wilson_interval_known_values_and_edges():
+    low, high = wilson_interval(81, 100)  # against scipy's own Wilson interval
+    reference = stats.binomtest(81, 100).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (low, high) == pytest.approx((reference.low, reference.high))
+    assert (round(low, 3), round(high, 3)) == (0.722, 0.875)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_two_proportion_test_against_the_textbook_formula():
+    result = two_proportion_test(900, 1000, 950, 1000)
+    pooled = 1850 / 2000
+    z = 0.05 / np.sqrt(pooled * (1 - pooled) * (2 / 1000))
+    assert result.z == pytest.approx(z) and result.p_value == pytest.approx(2 * stats.norm.sf(z))
+    assert result.difference == pytest.approx(0.05) and result.p_value < 0.001
+    assert two_proportion_test(50, 50, 30, 30).p_value == 1.0
+    with pytest.raises(ValueError):
+        two_proportion_test(0, 0, 1, 1)
