@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 
 PRODUCTION_ALIAS = "production"
+CHALLENGER_ALIAS = "challenger"
 STARTED_BY_TAG = "dagster_run_id"  # the Dagster run that started an MLflow run
 REOPENED_BY_TAG = "dagster_reopened_by"  # the Dagster run that reopened it last (model_evaluation)
 MLFLOW_UI_DEFAULT = "http://localhost:5000"  # where `mlflow ui` listens by default
@@ -157,9 +158,10 @@ class MlflowTracking(dg.ConfigurableResource):
         client.update_model_version(self.registered_model_name, version, description=describe_input())
         return version
 
-    def set_production_alias(self, version: str) -> None:
+    def set_alias(self, alias: str, version: str) -> None:
+        """Point `alias` (`production`, `challenger`) at `version` of the registered model."""
         _, client = self._client()
-        client.set_registered_model_alias(self.registered_model_name, PRODUCTION_ALIAS, version)
+        client.set_registered_model_alias(self.registered_model_name, alias, version)
 
     def close_orphaned_runs(self, dagster_run_id: str, dagster_status: str = "FAILURE") -> list[str]:
         """Marks KILLED this experiment's runs still RUNNING for a Dagster run that has ended; their ids.
