@@ -14,8 +14,10 @@ from typing import Any
 from torch import nn
 
 from mnist_dagster.ml.architectures.cnn import DigitCNN
+from mnist_dagster.ml.architectures.resnet import DigitResNet
+from mnist_dagster.ml.architectures.vit import DigitViT
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"cnn": DigitCNN}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"cnn": DigitCNN, "resnet": DigitResNet, "vit": DigitViT}
 
 
 def build(architecture: str, params: Mapping[str, Any]) -> nn.Module:
