@@ -71,10 +71,10 @@ CANDIDATES: dict[str, TrainingConfig] = {
     "cnn-fast": TrainingConfig(),
     "cnn-accurate": TrainingConfig(channels=(32, 64), hidden=256, epochs=12, augmentation="affine"),
     "resnet": TrainingConfig(
-        architecture="resnet", channels=(32, 64, 128), depth=1, epochs=6, augmentation="affine", max_lr=0.005
+        architecture="resnet", channels=(32, 64, 128), depth=1, epochs=5, augmentation="affine", max_lr=0.01
     ),
     "vit": TrainingConfig(
-        architecture="vit", hidden=96, depth=4, heads=4, patch_size=4, epochs=15, augmentation="affine",
+        architecture="vit", hidden=64, depth=6, heads=4, patch_size=7, epochs=20, augmentation="affine",
         max_lr=0.002, weight_decay=0.05,
     ),
 }  # fmt: skip
