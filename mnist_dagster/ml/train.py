@@ -17,7 +17,7 @@ from torch import nn
 
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.ml.data import NormalisedSplit
-from mnist_dagster.ml import architectures
+from mnist_dagster.ml import architectures, augment
 from mnist_dagster.ml.model import make_checkpoint, parameter_count
 
 
@@ -134,8 +134,6 @@ def train(
 
 def augment_batch(images: torch.Tensor, config: TrainingConfig, generator: torch.Generator, background: float):
     """`config.augmentation` applied to one batch, its randomness drawn from the training's `generator`."""
-    from mnist_dagster.ml import augment
-
     if config.augmentation == "shift":
         return random_shift(images, config.max_shift, generator) if config.max_shift else images
     if config.augmentation == "affine":
