@@ -5,6 +5,7 @@ prod; these names are relative to it. Plain Python: the assets, sensors, resourc
 and the benchmarks all import it, and none of them writes a prefix of its own.
 
     assets/<asset key>.pt              asset values (the IO manager): tensors and checkpoints
+    op_outputs/<run>/<step>/...pt      values passed between the steps of an op job (the sweep)
     cache/<name>/                      local working folders (downloads), dev only; prod uses the temp dir
     landing/*.npz                      new labelled batches for training (images uint8 N x 28 x 28, labels)
     models/production/<v>/, CURRENT.json   the deployed bundle every prediction path reads
@@ -18,6 +19,7 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
 """
 
 ASSETS_PREFIX = "assets"
+OP_OUTPUTS_PREFIX = "op_outputs"
 CACHE_PREFIX = "cache"
 LANDING_PREFIX = "landing"
 PRODUCTION_ROOT = "models/production"
@@ -33,3 +35,8 @@ FEEDBACK_PREFIX = "feedback"
 def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:
     """Where the IO manager keeps an asset's value: `assets/<key parts>.pt`."""
     return f"{ASSETS_PREFIX}/{'/'.join(asset_path)}.pt"
+
+
+def op_output_path(identifier: list[str]) -> str:
+    """Where the IO manager keeps an op's output: `op_outputs/<run id>/<step>/<output>[/<mapping key>].pt`."""
+    return f"{OP_OUTPUTS_PREFIX}/{'/'.join(identifier)}.pt"

@@ -65,11 +65,12 @@ def generated_model(version: str = "1") -> Bundle:
 
 def untrained_bundle(version: str, claimed_accuracy: float) -> Bundle:
     """A random-weight model whose manifest claims an accuracy it does not have."""
-    from mnist_dagster.ml import model
+    from mnist_dagster.ml import architectures, model
     from mnist_dagster.ml.config import TrainingConfig
 
-    architecture = model.ModelConfig.from_training(TrainingConfig.from_mapping(FAST_TRAINING))
-    onnx = model.export_onnx(model.make_checkpoint(model.DigitCNN(architecture), architecture, 0.1, 0.3))
+    params = architectures.params_of("cnn", TrainingConfig.from_mapping(FAST_TRAINING))
+    network = architectures.build("cnn", params)
+    onnx = model.export_onnx(model.make_checkpoint(network, "cnn", params, 0.1, 0.3))
     return make_bundle(version, onnx, test_accuracy=claimed_accuracy)
 
 

@@ -136,28 +136,6 @@ def test_labelled_batch_validation():
             data.read_labelled_batch(payload)
 
 
-def test_checkpoint_round_trips_with_weights_only_and_refuses_foreign_dicts():
-    config = model.ModelConfig(channels=(4, 8), hidden=16, dropout=0.1)
-    net = model.DigitCNN(config).eval()
-    checkpoint = model.make_checkpoint(net, config, mean=0.13, std=0.31)
-    restored, norm = model.load_checkpoint(model.checkpoint_from_bytes(model.checkpoint_to_bytes(checkpoint)))
-    x = torch.randn(3, 1, 28, 28)
-    assert torch.allclose(net(x), restored(x)) and norm == {"mean": 0.13, "std": 0.31}
-    with pytest.raises(ValueError, match="checkpoint"):
-        model.load_checkpoint({"state_dict": checkpoint["state_dict"]})
-
-
-def test_onnx_export_matches_pytorch_including_normalisation():
-    config = model.ModelConfig(channels=(4, 8), hidden=16, dropout=0.1)
-    net = model.DigitCNN(config).eval()
-    checkpoint = model.make_checkpoint(net, config, mean=0.13, std=0.31)
-    session = ort.InferenceSession(model.export_onnx(checkpoint), providers=["CPUExecutionProvider"])
-    pixels = torch.rand(5, 1, 28, 28)
-    expected = torch.softmax(net((pixels - 0.13) / 0.31), 1).detach().numpy()
-    (got,) = session.run(None, {"pixels": pixels.numpy()})
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
 def _generated_split(n: int = 1500):
     images, labels = generated_digits(n, seed=7)
     raw = {

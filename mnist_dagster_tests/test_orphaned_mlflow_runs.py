@@ -208,6 +208,19 @@ def test_closing_is_idempotent_and_never_creates_an_experiment(tracking):
         tracking.close_orphaned_runs("x' OR tags.dagster_run_id != '")
 
 
+
+def test_a_run_reopened_by_another_dagster_run_is_closed_when_that_one_dies(tracking):
+    """`model_evaluation` reopens the training's MLflow run, possibly in another Dagster run: if that one
+    dies mid-step, the run it reopened is its orphan."""
+    from mnist_dagster.resources.mlflow import REOPENED_BY_TAG
+
+    training, evaluation = str(uuid.uuid4()), str(uuid.uuid4())
+    reopened = tagged_run(tracking, training)
+    client(tracking).set_tag(reopened, REOPENED_BY_TAG, evaluation)
+    assert tracking.close_orphaned_runs(evaluation) == [reopened]
+    assert status(tracking, reopened) == "KILLED"
+
+
 # --- the whole thing under `dagster dev` ------------------------------------------------------------
 
 LAUNCH_RUN = """

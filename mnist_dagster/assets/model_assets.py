@@ -4,23 +4,25 @@ Each training is one MLflow run: params, per-epoch metrics, curves, the model, t
 """
 
 
+from typing import Literal
+
 import dagster as dg
+from pydantic import Field
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.config import TrainingConfig, training_config
 from mnist_dagster.assets.metadata import png_markdown, table
+from mnist_dagster.assets.training import train_and_record
 from mnist_dagster.layout import PRODUCTION_ROOT
-from mnist_dagster.resources.compute import ComputeResource
-from mnist_dagster.resources.mlflow import MlflowTracking
+from mnist_dagster.resources.compute import GPU_TRAINING_POD, ComputeResource
+from mnist_dagster.resources.mlflow import (
+    CHALLENGER_ALIAS,
+    PRODUCTION_ALIAS,
+    REOPENED_BY_TAG,
+    STARTED_BY_TAG,
+    MlflowTracking,
+)
 from mnist_dagster.resources.storage import StorageResource
-
-# Dagster+ Hybrid on Kubernetes (k8s executor): the training step's pod gets one GPU. Ignored elsewhere.
-GPU_TRAINING_POD = {
-    "container_config": {
-        "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
-    },
-    "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-}
 
 
 @dg.asset(
@@ -38,62 +40,33 @@ def digit_classifier(
     compute: ComputeResource,
     mlflow: MlflowTracking,
 ) -> dg.Output:
-    """A small CNN (conv-BN-ReLU-pool stages, MLP head) trained with AdamW and a one-cycle schedule,
-    exported once to ONNX, and recorded as one MLflow run with the data it saw."""
-    import mlflow as mlflow_lib
-
-    from mnist_dagster.ml import data, plots, train
-    from mnist_dagster.ml.model import checkpoint_to_bytes, export_onnx
-
-    split = data.NormalisedSplit.from_dict(processed_mnist_data)
-    settings, device = training_config(config), compute.resolve_device()
-
-    def log_epoch(stats: train.EpochStats) -> None:
-        context.log.info(
-            f"epoch {stats.epoch}/{settings.epochs}: train_loss={stats.train_loss:.4f} "
-            f"val_accuracy={stats.val_accuracy:.4f} ({stats.seconds:.1f}s)"
-        )
-        mlflow_lib.log_metrics(
-            {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy, "learning_rate": stats.learning_rate},
-            step=stats.epoch,
-        )
-
-    with mlflow.start_run(run_name=f"train-{context.run_id[:8]}", tags={"dagster_run_id": context.run_id}) as run:
-        mlflow_lib.log_params({**settings.as_params(), "device": device, "train_size": len(split.train_labels)})
-        mlflow.log_training_data(
-            split.train_images.numpy(), split.train_labels.numpy(),
-            source=processed_mnist_data["source"], digest=processed_mnist_data["data_version"],
-        )  # fmt: skip
-        trained = train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
-        onnx = export_onnx(trained.checkpoint)
-        curve = plots.training_curve_png([h.train_loss for h in trained.history], [h.val_accuracy for h in trained.history])
-        mlflow_lib.log_metric("training_seconds", trained.seconds)
-        mlflow.log_png(curve, "training_curve.png")
-        mlflow_lib.log_dict(trained.checkpoint["config"], "architecture.json")
-        model_uri = mlflow.log_model(onnx, checkpoint_to_bytes(trained.checkpoint), _input_example(split))
-        run_id = run.info.run_id
-
-    final = trained.history[-1]
+    """The digit classifier: the candidate `config` names (cnn-fast by default: a small CNN) trained with
+    AdamW and a one-cycle schedule, exported once to ONNX, and recorded as one MLflow run with the data
+    it saw."""
+    settings = training_config(config)
+    record = train_and_record(
+        context.log, processed_mnist_data, settings, compute, mlflow,
+        run_name=f"train-{context.run_id[:8]}", tags={STARTED_BY_TAG: context.run_id},
+        params={"candidate": config.candidate},
+    )  # fmt: skip
+    history = record.trained.history
     return dg.Output(
-        {**trained.checkpoint, "onnx": onnx, "mlflow_run_id": run_id, "mlflow_model_uri": model_uri},
+        record.stored_value(),
         metadata={
-            "val_accuracy": final.val_accuracy,
+            "val_accuracy": history[-1].val_accuracy,
+            "candidate": config.candidate,
+            "architecture": settings.architecture,
+            "augmentation": settings.augmentation,
             "epochs": settings.epochs,
-            "training_seconds": round(trained.seconds, 2),
-            "parameters": trained.parameters,
-            "device": device,
-            "train_loss": dg.MetadataValue.json([round(h.train_loss, 5) for h in trained.history]),
-            "training_curve": png_markdown(curve, "training curve"),
-            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
-            "mlflow_run_id": run_id,
+            "training_seconds": round(record.trained.seconds, 2),
+            "parameters": record.trained.parameters,
+            "device": compute.resolve_device(),
+            "train_loss": dg.MetadataValue.json([round(h.train_loss, 5) for h in history]),
+            "training_curve": png_markdown(record.curve_png, "training curve"),
+            "mlflow_run": dg.MetadataValue.url(mlflow.run_url(record.run_id)),
+            "mlflow_run_id": record.run_id,
         },
     )
-
-
-def _input_example(split, count: int = 2):
-    """A few validation images as the model takes them: float32 (N, 1, 28, 28) in [0, 1], unnormalised."""
-    pixels = split.val_images[:count] * split.std + split.mean
-    return pixels.clamp(0, 1).numpy()
 
 
 @dg.asset(
@@ -108,8 +81,10 @@ def model_evaluation(
     processed_mnist_data: dict,
     compute: ComputeResource,
     mlflow: MlflowTracking,
+    storage: StorageResource,
 ) -> dg.Output:
-    """The trained model on the 10k held-out test images: accuracy, per-class scores, confusion matrix."""
+    """The trained model on the 10k held-out test images: accuracy, per-class scores, confusion matrix, and
+    the same images through the production model, for the gate's paired comparison."""
     import mlflow as mlflow_lib
 
     from mnist_dagster.ml import evaluate, plots
@@ -128,8 +103,10 @@ def model_evaluation(
         {"digit": digit, "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
+    comparison = _compare_with_production(storage, digit_classifier["onnx"], processed_mnist_data)
     run_id = digit_classifier["mlflow_run_id"]
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
+        mlflow_lib.set_tag(REOPENED_BY_TAG, context.run_id)
         mlflow_lib.log_metrics(
             {"test_accuracy": result.accuracy, **{f"test_f1_digit_{row['digit']}": row["f1"] for row in per_class}}
         )
@@ -142,9 +119,11 @@ def model_evaluation(
             "confusion_matrix": result.confusion,
             "per_class": per_class,
             "mlflow_run_id": run_id,
+            "comparison": comparison,
         },
         metadata={
             "test_accuracy": result.accuracy,
+            "compared_with_production": dg.MetadataValue.json(comparison or {"production": "none yet"}),
             "test_images": len(labels),
             "misclassified": int((result.predictions != labels).sum()),
             "per_class": table(per_class, ["digit", "precision", "recall", "f1"]),
@@ -155,16 +134,42 @@ def model_evaluation(
     )
 
 
+def _compare_with_production(storage: StorageResource, candidate_onnx: bytes, processed: dict) -> dict | None:
+    """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts."""
+    from mnist_dagster.ml.compare import mcnemar_exact
+    from mnist_dagster.serving import bundle
+
+    production = bundle.load_current(storage.open(), PRODUCTION_ROOT)
+    if production is None:
+        return None
+    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).numpy()
+    labels = processed["test_labels"].numpy()
+    candidate = bundle.Predictor(bundle.make_bundle("candidate", candidate_onnx)).predict_proba(pixels).argmax(1)
+    result = mcnemar_exact(labels, candidate, bundle.Predictor(production).predict_proba(pixels).argmax(1))
+    return {
+        "production_version": production.version,
+        "production_test_accuracy": result.production_accuracy,
+        "candidate_test_accuracy": result.candidate_accuracy,
+        "candidate_right_production_wrong": result.candidate_only,
+        "production_right_candidate_wrong": result.production_only,
+        "mcnemar_p_value": result.p_value,
+        "test": "McNemar's exact test (two-sided binomial on the discordant images)",
+    }
+
+
 class DeploymentConfig(dg.Config):
     accuracy_threshold: float = 0.95  # deploy only if test accuracy is strictly above this
+    alpha: float = 0.05  # refuse a candidate significantly worse than production at this level (McNemar)
+    strategy: Literal["replace", "ab_test", "shadow"] = "replace"  # how a candidate that passes is deployed
+    challenger_traffic: float = Field(0.1, ge=0.0, le=1.0)  # ab_test: the share of requests the challenger answers
 
 
 @dg.asset(
     group_name="model",
     kinds={"onnx", "mlflow"},
-    code_version="1",
+    code_version="2",
     automation_condition=RETRAIN_ON_NEW_DATA,
-    retry_policy=TRANSIENT_IO_RETRY,  # registry and S3 writes; below the gate it succeeds, so never retried
+    retry_policy=TRANSIENT_IO_RETRY,  # registry and S3 writes; a refusal succeeds, so it is never retried
 )
 def production_digit_classifier(
     context: dg.AssetExecutionContext,
@@ -174,41 +179,100 @@ def production_digit_classifier(
     storage: StorageResource,
     mlflow: MlflowTracking,
 ) -> dg.MaterializeResult:
-    """The model every prediction path uses: replaced only by a candidate above the accuracy gate.
+    """The model every prediction path uses, changed only by a candidate that passes the gate.
 
-    Below the gate the run still succeeds and the previous production model stays. Above it, the
-    candidate becomes a new MLflow registry version, its bundle is written, the pointer flips, and the
-    `production` alias moves, in that order, so no reader ever sees a half-deployed model.
+    The gate: test accuracy above `accuracy_threshold`, and not significantly worse than the production
+    model on the same 10k test images (McNemar's exact test at `alpha`; the first model needs only the
+    threshold). A refusal is a successful run that says why; production stays. A candidate that passes
+    becomes a new registry version and, by `strategy`, production (`replace`: files first, pointer last,
+    then the `production` alias) or the challenger beside it (`ab_test`, `shadow`: alias `challenger`).
     """
-    from mnist_dagster.serving import bundle
+    from mnist_dagster.serving import bundle, deploy
 
     store = storage.open()
-    accuracy = model_evaluation["test_accuracy"]
+    accuracy, comparison = model_evaluation["test_accuracy"], model_evaluation.get("comparison")
     previous = bundle.current_version(store, PRODUCTION_ROOT)
     run_id = digit_classifier["mlflow_run_id"]
-    common = {"test_accuracy": accuracy, "threshold": config.accuracy_threshold, "mlflow_run_id": run_id}
-    if not accuracy > config.accuracy_threshold:
-        reason = f"test accuracy {accuracy:.4f} is not above the threshold {config.accuracy_threshold}"
-        context.log.warning(f"Not deployed: {reason}; production stays at version {previous}")
+    common = {
+        "test_accuracy": accuracy, "threshold": config.accuracy_threshold, "alpha": config.alpha,
+        "mlflow_run_id": run_id, **_comparison_metadata(comparison),
+    }  # fmt: skip
+    refusal = _refusal(accuracy, comparison, previous, config)
+    if refusal is not None:
+        context.log.warning(f"Not deployed: {refusal}; production stays at version {previous}")
         return dg.MaterializeResult(
-            metadata={**common, "deployed": False, "reason": reason, "model_version": previous or "none"},
+            metadata={**common, "deployed": False, "decision": "refused", "reason": refusal, "model_version": previous or "none"},
             data_version=dg.DataVersion(previous or "none"),
         )
     version = mlflow.register_version(digit_classifier["mlflow_model_uri"], run_id)
     candidate = bundle.make_bundle(
         version, digit_classifier["onnx"], test_accuracy=accuracy, mlflow_run_id=run_id, dagster_run_id=context.run_id
     )
-    bundle.publish(store, PRODUCTION_ROOT, candidate)
-    mlflow.set_production_alias(version)
-    context.log.info(f"Deployed version {version} (test accuracy {accuracy:.4f}); previous was {previous}")
+    if config.strategy == "replace" or previous is None:
+        deploy.make_production(store, candidate, f"passed the gate in run {context.run_id}")
+        mlflow.set_alias(PRODUCTION_ALIAS, version)
+        decision, served, where = "production", version, f"{PRODUCTION_ROOT}/{version}"
+    else:
+        deploy.start_trial(store, candidate, deploy.Routing(config.strategy, config.challenger_traffic))
+        mlflow.set_alias(CHALLENGER_ALIAS, version)
+        decision, served = f"challenger ({config.strategy})", f"{previous}+challenger-{version}"
+        where = f"{deploy.CHALLENGER_MODEL_ROOT}/{version}"
+    reason = _passed(accuracy, comparison, config)
+    context.log.info(f"Version {version} deployed as {decision}: {reason}")
     return dg.MaterializeResult(
         metadata={
             **common,
             "deployed": True,
+            "decision": decision,
+            "reason": reason,
+            "strategy": config.strategy if previous is not None else "replace (no production model yet)",
             "model_version": version,
             "previous_version": previous or "none",
             "registered_model": mlflow.registered_model_name,
-            "bundle": dg.MetadataValue.path(store.uri(f"{PRODUCTION_ROOT}/{version}")),
+            "bundle": dg.MetadataValue.path(store.uri(where)),
         },
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(served),
     )
+
+
+def _refusal(accuracy: float, comparison: dict | None, production: str | None, config: DeploymentConfig) -> str | None:
+    """Why the gate refuses the candidate, in words a person reads; None when it passes."""
+    if not accuracy > config.accuracy_threshold:
+        return f"test accuracy {accuracy:.4f} is not above the threshold {config.accuracy_threshold}"
+    compared = comparison["production_version"] if comparison else None
+    if compared != production:
+        return (
+            f"production is version {production}, but the candidate was compared with {compared or 'no model'}; "
+            "materialize model_evaluation again to compare with the current production model"
+        )
+    if comparison is None:
+        return None
+    worse = comparison["production_right_candidate_wrong"] > comparison["candidate_right_production_wrong"]
+    if worse and comparison["mcnemar_p_value"] < config.alpha:
+        return (
+            f"significantly worse than production version {production} on the same test images "
+            f"({100 * comparison['candidate_test_accuracy']:.2f}% against {100 * comparison['production_test_accuracy']:.2f}%): "
+            f"production alone was right on {comparison['production_right_candidate_wrong']} images, the candidate alone "
+            f"on {comparison['candidate_right_production_wrong']}; McNemar's exact test p = {comparison['mcnemar_p_value']:.3g} "
+            f"< alpha {config.alpha}"
+        )
+    return None
+
+
+def _passed(accuracy: float, comparison: dict | None, config: DeploymentConfig) -> str:
+    if comparison is None:
+        return f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}; no production model to compare with"
+    return (
+        f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}, and not significantly worse than "
+        f"production version {comparison['production_version']} (McNemar's exact test p = {comparison['mcnemar_p_value']:.3g}, "
+        f"alpha {config.alpha}: the candidate alone right on {comparison['candidate_right_production_wrong']} images, "
+        f"production alone on {comparison['production_right_candidate_wrong']})"
+    )
+
+
+def _comparison_metadata(comparison: dict | None) -> dict:
+    if comparison is None:
+        return {"production_test_accuracy": "no production model yet"}
+    keys = ("production_version", "production_test_accuracy", "candidate_right_production_wrong",
+            "production_right_candidate_wrong", "mcnemar_p_value")  # fmt: skip
+    return {"compared_with": comparison["production_version"], **{key: comparison[key] for key in keys[1:]}}

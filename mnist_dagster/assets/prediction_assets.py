@@ -11,7 +11,7 @@ from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RE
 from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
-from mnist_dagster.layout import PRODUCTION_ROOT, SERVING_ROOT
+from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, SERVING_ROOT
 
 
 def _production_bundle(storage: StorageResource):
@@ -137,30 +137,40 @@ def digit_predictions(
     server's preprocessing is not the training's, and nothing is published. When `MNIST_SERVING_URL`
     names a running server, it must then serve the new version within the timeout.
     """
-    from mnist_dagster.serving import check
+    from mnist_dagster.serving import check, deploy
     from mnist_dagster.serving.bundle import BundleError, Predictor
 
-    production = _production_bundle(storage)
+    store = storage.open()
+    production, challenger = _production_bundle(storage), deploy.current_challenger(store)
     images = raw_mnist_data["test_images"][: config.check_images].numpy()
     labels = raw_mnist_data["test_labels"][: config.check_images].numpy()
+    checks = {}
+    for role, candidate in (("production", production), ("challenger", challenger)):
+        if candidate is None:
+            continue
+        try:
+            checks[role] = check.check_serving_path(Predictor(candidate), images, labels, config.probability_tolerance)
+        except check.ServingCheckError as error:
+            raise dg.Failure(
+                f"Not published: the {role} model (version {candidate.version}): {error}.",
+                metadata={"model_version": candidate.version, "role": role},
+                allow_retries=False,  # the same model and code fail the same way
+            ) from error
+    routing = deploy.publish_to_endpoint(store, production)
     try:
-        path = check.check_serving_path(Predictor(production), images, labels, config.probability_tolerance)
-    except check.ServingCheckError as error:
-        raise dg.Failure(
-            f"Not published: {error}.",
-            metadata={"model_version": production.version},
-            allow_retries=False,  # the same model and code fail the same way
-        ) from error
-    store = storage.open()
-    try:
-        check.publish_and_verify(store, SERVING_ROOT, production)
+        check.verify_published(store, SERVING_ROOT, production)
+        if challenger is not None:
+            check.verify_published(store, CHALLENGER_ROOT, challenger)
     except (check.ServingCheckError, BundleError) as error:
-        raise dg.Failure(f"Publishing version {production.version} failed its read-back: {error}") from error
-    context.log.info(f"Published model version {production.version} to {store.uri(SERVING_ROOT)}")
+        raise dg.Failure(f"Publishing failed its read-back: {error}") from error
+    context.log.info(f"Published production {production.version} to {store.uri(SERVING_ROOT)}; routing {routing}")
+    path = checks["production"]
 
     recorded = production.manifest.get("test_accuracy")
     metadata = {
         "model_version": production.version,
+        "challenger_version": challenger.version if challenger else "none",
+        "routing": f"{routing.strategy} (challenger share {routing.challenger_traffic})" if challenger else "production only",
         "serving_location": dg.MetadataValue.path(store.uri(SERVING_ROOT)),
         "check_images": path.images,
         "disagreements": path.disagreements,
@@ -174,7 +184,8 @@ def digit_predictions(
         metadata |= _check_live_server(context, serving_endpoint.url, production.version, images, path.digits, config)
     else:
         metadata["http_check"] = "skipped: no running server to check (MNIST_SERVING_URL is not set)"
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(production.version))
+    served = production.version + (f"+challenger-{challenger.version}-{routing.strategy}" if challenger else "")
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(served))
 
 
 def _check_live_server(context, url: str, version: str, images, digits, config: ServingCheckConfig) -> dict:

@@ -1,63 +1,24 @@
-"""The digit classifier: a small CNN with batch norm, and its checkpoint format.
+"""What a trained model is: a checkpoint that names its architecture, and the ONNX graph it serves as.
 
-A checkpoint is a plain dict of the architecture config, the input normalisation and the weights,
-so it loads with `torch.load(weights_only=True)`: nothing is unpickled but tensors and primitives.
+A checkpoint is a plain dict of the architecture's name and parameters, the input normalisation and
+the weights, so it loads with `torch.load(weights_only=True)`: nothing is unpickled but tensors and
+primitives. The networks themselves are in `mnist_dagster.ml.architectures`.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from mnist_dagster.ml.config import TrainingConfig
+from mnist_dagster.digits import IMAGE_SIDE
+from mnist_dagster.ml.architectures import build
 
-CHECKPOINT_FORMAT = "mnist-dagster/cnn-v1"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture: one conv-BN-ReLU-max-pool stage per entry of `channels`, then a small MLP head.
-
-    No defaults here: they are `TrainingConfig`'s (`mnist_dagster.ml.config`), the one block of them.
-    """
-
-    channels: tuple[int, ...]
-    hidden: int
-    dropout: float
-
-    @classmethod
-    def from_training(cls, config: TrainingConfig) -> ModelConfig:
-        return cls(channels=tuple(config.channels), hidden=config.hidden, dropout=config.dropout)
-
-
-class DigitCNN(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_channels, size = 1, 28
-        for out_channels in config.channels:
-            layers += [
-                nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                nn.BatchNorm2d(out_channels),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
-            in_channels, size = out_channels, size // 2
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_channels * size * size, config.hidden, bias=False),
-            nn.BatchNorm1d(config.hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, 10),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+CHECKPOINT_FORMAT = "mnist-dagster/checkpoint-v2"
+CNN_V1_FORMAT = "mnist-dagster/cnn-v1"  # before the model zoo: always a CNN, still loadable
 
 
 class ServingModel(nn.Module):
@@ -75,28 +36,33 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def make_checkpoint(model: nn.Module, config: ModelConfig, mean: float, std: float) -> dict:
+def make_checkpoint(
+    model: nn.Module, architecture: str, params: Mapping[str, Any], mean: float, std: float
+) -> dict[str, Any]:
+    """The checkpoint of `model`, built as `architectures.build(architecture, params)`."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "config": {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(config).items()},
+        "architecture": architecture,
+        "config": {key: list(value) if isinstance(value, tuple) else value for key, value in params.items()},
         "normalisation": {"mean": mean, "std": std},
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
     }
 
 
-def load_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") -> tuple[DigitCNN, dict]:
+def load_checkpoint(checkpoint: Mapping[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The model in eval mode and its normalisation; refuses anything that is not our format."""
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format={checkpoint.get('format')!r})")
-    config = ModelConfig(**{**checkpoint["config"], "channels": tuple(checkpoint["config"]["channels"])})
-    model = DigitCNN(config)
+    fmt = checkpoint.get("format")
+    if fmt not in (CHECKPOINT_FORMAT, CNN_V1_FORMAT):
+        raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format={fmt!r})")
+    architecture = checkpoint.get("architecture", "cnn") if fmt == CHECKPOINT_FORMAT else "cnn"
+    model = build(architecture, checkpoint["config"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device).eval(), checkpoint["normalisation"]
 
 
-def checkpoint_to_bytes(checkpoint: dict) -> bytes:
+def checkpoint_to_bytes(checkpoint: Mapping[str, Any]) -> bytes:
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
+    torch.save(dict(checkpoint), buffer)
     return buffer.getvalue()
 
 
@@ -104,14 +70,14 @@ def checkpoint_from_bytes(data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def export_onnx(checkpoint: dict) -> bytes:
-    """The serving graph (normalise, CNN, softmax) as ONNX with a dynamic batch axis."""
+def export_onnx(checkpoint: Mapping[str, Any]) -> bytes:
+    """The serving graph (normalise, network, softmax) as ONNX with a dynamic batch axis."""
     model, norm = load_checkpoint(checkpoint)
     serving = ServingModel(model, norm["mean"], norm["std"]).eval()
     buffer = io.BytesIO()
     torch.onnx.export(
         serving,
-        (torch.zeros(1, 1, 28, 28),),
+        (torch.zeros(1, 1, IMAGE_SIDE, IMAGE_SIDE),),
         buffer,
         input_names=["pixels"],
         output_names=["probabilities"],

@@ -72,3 +72,15 @@ def digit_grid_png(images: torch.Tensor, captions: Sequence[str], columns: int =
             axis.imshow(images[index].reshape(28, 28).float().numpy(), cmap="gray_r", interpolation="nearest")
             axis.set_title(captions[index], fontsize=7)
     return _png(figure)
+
+
+def accuracy_vs_time_png(names: Sequence[str], seconds: Sequence[float], accuracy: Sequence[float]) -> bytes:
+    """The sweep's scatter: each candidate's validation accuracy against its training time."""
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.scatter(seconds, [100 * a for a in accuracy], color="tab:blue")
+    for name, x, y in zip(names, seconds, accuracy, strict=True):
+        axis.annotate(name, (x, 100 * y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axis.set_xlabel("training time (s)")
+    axis.set_ylabel("validation accuracy (%)")
+    axis.grid(alpha=0.3)
+    return _png(figure)

@@ -17,7 +17,8 @@ from torch import nn
 
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.ml.data import NormalisedSplit
-from mnist_dagster.ml.model import DigitCNN, ModelConfig, make_checkpoint, parameter_count
+from mnist_dagster.ml import architectures, augment
+from mnist_dagster.ml.model import make_checkpoint, parameter_count
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,12 @@ def fit(
     same `config` and data give the same model wherever it runs.
     """
     seed_everything(config.seed)
-    model_config = ModelConfig.from_training(config)
-    model = DigitCNN(model_config)
+    params = architectures.params_of(config.architecture, config)
+    model = architectures.build(config.architecture, params)
     started = time.perf_counter()
     history = train(model, split, config, device, mixed_precision, on_epoch)
     seconds = time.perf_counter() - started
-    checkpoint = make_checkpoint(model, model_config, split.mean, split.std)
+    checkpoint = make_checkpoint(model, config.architecture, params, split.mean, split.std)
     return TrainedModel(checkpoint, history, seconds, parameter_count(model), model.eval())
 
 
@@ -101,6 +102,7 @@ def train(
         optimizer, max_lr=config.max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch
     )
     generator = torch.Generator().manual_seed(config.seed)
+    background = -split.mean / split.std  # a blank pixel, standardised: what augmentation fills in with
     history: list[EpochStats] = []
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -110,7 +112,7 @@ def train(
         for start in range(0, len(x), config.batch_size):
             batch = order[start : start + config.batch_size]
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
-                inputs = random_shift(x[batch], config.max_shift, generator) if config.max_shift else x[batch]
+                inputs = augment_batch(x[batch], config, generator, background)
                 loss = F.cross_entropy(model(inputs), y[batch], label_smoothing=config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,6 +130,19 @@ def train(
         if on_epoch:
             on_epoch(stats)
     return history
+
+
+def augment_batch(images: torch.Tensor, config: TrainingConfig, generator: torch.Generator, background: float):
+    """`config.augmentation` applied to one batch, its randomness drawn from the training's `generator`."""
+    if config.augmentation == "shift":
+        return random_shift(images, config.max_shift, generator) if config.max_shift else images
+    if config.augmentation == "affine":
+        return augment.random_affine(images, generator, background)
+    if config.augmentation == "elastic":
+        return augment.random_elastic(images, generator, background)
+    if config.augmentation == "none":
+        return images
+    raise ValueError(f"unknown augmentation {config.augmentation!r}; choose one of {', '.join(augment.AUGMENTATIONS)}")
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -7,6 +7,13 @@ The CUDA path (pinned-memory transfer of the whole dataset once, bf16 autocast) 
 import dagster as dg
 
 DEVICES = ("auto", "cpu", "cuda")
+# Dagster+ Hybrid on Kubernetes (k8s executor): the training step's pod gets one GPU. Ignored elsewhere.
+GPU_TRAINING_POD = {
+    "container_config": {
+        "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+    },
+    "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+}
 
 
 def check_device(device: str) -> str:

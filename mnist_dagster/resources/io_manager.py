@@ -9,7 +9,7 @@ import io
 
 import dagster as dg
 
-from mnist_dagster.layout import asset_key_path
+from mnist_dagster.layout import asset_key_path, op_output_path
 from mnist_dagster.resources.storage import StorageResource
 
 
@@ -19,12 +19,11 @@ class TensorIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: dict) -> None:
         import torch
 
+        key = _key(context)
         if not isinstance(obj, dict):
-            asset = context.asset_key.to_user_string()
-            raise TypeError(f"{asset} returned {type(obj).__name__}; this IO manager stores dicts of tensors")
+            raise TypeError(f"{key} would hold a {type(obj).__name__}; this IO manager stores dicts of tensors")
         buffer = io.BytesIO()
         torch.save(obj, buffer)
-        key = asset_key_path(context.asset_key.path)
         store = self.storage.open()
         store.write_bytes(key, buffer.getvalue())
         context.add_output_metadata(
@@ -35,11 +34,28 @@ class TensorIOManager(dg.ConfigurableIOManager):
         import torch
 
         store = self.storage.open()
-        key = asset_key_path(context.asset_key.path)
+        key = _key(context)
         try:
             data = store.read_bytes(key)
         except FileNotFoundError as error:
-            raise dg.Failure(
-                f"{context.asset_key.to_user_string()} has no stored value at {store.uri(key)}: materialize it first"
-            ) from error
+            what = context.asset_key.to_user_string() if context.has_asset_key else "the upstream step"
+            raise dg.Failure(f"{what} has no stored value at {store.uri(key)}: materialize it first") from error
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+#: An op input that reads an asset's stored value names the asset here: `dg.In(metadata={READS_ASSET: [...]})`.
+READS_ASSET = "reads_asset"
+
+
+def _key(context: dg.OutputContext | dg.InputContext) -> str:
+    """An asset's value lives at its asset key; an op's output (the sweep's steps) under its run and step."""
+    if context.has_asset_key:
+        return asset_key_path(context.asset_key.path)
+    if isinstance(context, dg.OutputContext):
+        return op_output_path(context.get_identifier())
+    if context.upstream_output is not None:
+        return op_output_path(context.upstream_output.get_identifier())
+    asset_path = (context.definition_metadata or {}).get(READS_ASSET)
+    if not asset_path:
+        raise dg.Failure(f"input {context.name!r} has no upstream step and names no asset ({READS_ASSET} metadata)")
+    return asset_key_path(asset_path)

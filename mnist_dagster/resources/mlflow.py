@@ -17,6 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 import dagster as dg
 
 PRODUCTION_ALIAS = "production"
+CHALLENGER_ALIAS = "challenger"
+STARTED_BY_TAG = "dagster_run_id"  # the Dagster run that started an MLflow run
+REOPENED_BY_TAG = "dagster_reopened_by"  # the Dagster run that reopened it last (model_evaluation)
 MLFLOW_UI_DEFAULT = "http://localhost:5000"  # where `mlflow ui` listens by default
 
 
@@ -80,6 +83,21 @@ class MlflowTracking(dg.ConfigurableResource):
         with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs) as run:
             yield run
 
+    def create_parent_run(self, run_name: str, tags: dict[str, str]) -> str:
+        """A run that groups others (a sweep's candidates point at it with `mlflow.parentRunId`), left
+        open until `finish_run`; tagged with the Dagster run, so a killed sweep's parent is closed too."""
+        _, client = self._client()
+        return client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
+
+    def finish_run(self, run_id: str, metrics: dict[str, float] | None = None, table: dict | None = None) -> None:
+        """Log a summary on `run_id` (metrics, a JSON table artifact) and mark it FINISHED."""
+        _, client = self._client()
+        for key, value in (metrics or {}).items():
+            client.log_metric(run_id, key, value)
+        if table is not None:
+            client.log_dict(run_id, table, "leaderboard.json")
+        client.set_terminated(run_id, status="FINISHED")
+
     def run_url(self, run_id: str) -> str:
         _, client = self._client()
         experiment_id = client.get_run(run_id).info.experiment_id
@@ -140,9 +158,10 @@ class MlflowTracking(dg.ConfigurableResource):
         client.update_model_version(self.registered_model_name, version, description=describe_input())
         return version
 
-    def set_production_alias(self, version: str) -> None:
+    def set_alias(self, alias: str, version: str) -> None:
+        """Point `alias` (`production`, `challenger`) at `version` of the registered model."""
         _, client = self._client()
-        client.set_registered_model_alias(self.registered_model_name, PRODUCTION_ALIAS, version)
+        client.set_registered_model_alias(self.registered_model_name, alias, version)
 
     def close_orphaned_runs(self, dagster_run_id: str, dagster_status: str = "FAILURE") -> list[str]:
         """Marks KILLED this experiment's runs still RUNNING for a Dagster run that has ended; their ids.
@@ -162,11 +181,15 @@ class MlflowTracking(dg.ConfigurableResource):
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
                 return []
-            orphans = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.dagster_run_id = '{dagster_run_id}' AND attributes.status = 'RUNNING'",
-                max_results=1000,  # one Dagster run starts a handful of MLflow runs at most
-            )
+            orphans = [
+                run
+                for tag in (STARTED_BY_TAG, REOPENED_BY_TAG)  # MLflow filters have no OR: one search each
+                for run in client.search_runs(
+                    [experiment.experiment_id],
+                    filter_string=f"tags.{tag} = '{dagster_run_id}' AND attributes.status = 'RUNNING'",
+                    max_results=1000,  # one Dagster run starts a handful of MLflow runs at most
+                )
+            ]
             reason = f"dagster run {dagster_run_id} ended {dagster_status}"
             for run in orphans:
                 client.set_tag(run.info.run_id, "mnist_dagster.closed_by", reason)

@@ -78,9 +78,8 @@ def _through_the_server_code(predictor: bundles.Predictor, pngs: list[bytes]) ->
     return np.array(probabilities, dtype=np.float64).reshape(-1, 10), latencies
 
 
-def publish_and_verify(store: Store, root: str, bundle: bundles.Bundle) -> None:
-    """Publish `bundle` under `root`, then read it back the way the server will (pointer, files, checksum)."""
-    bundles.publish(store, root, bundle)
+def verify_published(store: Store, root: str, bundle: bundles.Bundle) -> None:
+    """Read a published `bundle` back the way the server will (pointer, files, checksum)."""
     if bundles.current_version(store, root) != bundle.version:
         raise ServingCheckError(f"published version {bundle.version}, but {root}/{bundles.POINTER} names another")
     bundles.load(store, root, bundle.version)  # raises BundleError on a missing file or a bad checksum
