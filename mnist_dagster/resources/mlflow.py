@@ -204,3 +204,8 @@ class MlflowTracking(dg.ConfigurableResource):
         """`error`'s text without the tracking URI's credentials (MLflow's messages quote the request URL)."""
         uri = self.tracking_uri.rstrip("/")
         return str(error).replace(uri, redact_uri(uri)) if uri else str(error)
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove `alias` (the `challenger` once its trial is over); no such alias is not an error."""
+        _, client = self._client()
+        client.delete_registered_model_alias(self.registered_model_name, alias)

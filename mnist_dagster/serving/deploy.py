@@ -103,10 +103,13 @@ def previous_production_version(store: Store) -> str:
 def roll_back(store: Store, version: str | None = None) -> tuple[str | None, str]:
     """Production goes back to `version` (default: the previous one); returns (replaced, restored).
 
-    The bundle is read and verified first: a version that does not exist or fails its checksum raises
-    `DeploymentError` and production stays as it was.
+    The bundle is read and verified first: a version that does not exist, fails its checksum or is already
+    production raises `DeploymentError` and production stays as it was. Like any new production, it ends a
+    trial that was running.
     """
     target = version or previous_production_version(store)
+    if target == bundles.current_version(store, PRODUCTION_ROOT):
+        raise DeploymentError(f"version {target} is already in production: nothing to roll back")
     try:
         restored = bundles.load(store, PRODUCTION_ROOT, target)
     except bundles.BundleError as error:
