@@ -41,6 +41,7 @@ PIPELINE_ASSETS = frozenset(
         "production_digit_classifier",
         "batch_digit_predictions",
         "digit_predictions",
+        "ab_test_report",
     }
 )
 

@@ -16,6 +16,7 @@ ASSET_GRAPH = {
     "production_digit_classifier": {"digit_classifier", "model_evaluation"},
     "batch_digit_predictions": {"production_digit_classifier"},
     "digit_predictions": {"production_digit_classifier", "raw_mnist_data"},  # real test images for its check
+    "ab_test_report": {"production_digit_classifier"},  # reads the trial from the store, not a value
 }
 
 
@@ -49,6 +50,7 @@ def test_processed_data_checks_block_and_training_follows_automatically(tmp_path
         # the same condition, not waiting on raw_mnist_data (it only reads its test images)
         "digit_predictions": RETRAIN_ON_NEW_DATA.ignore(dg.AssetSelection.assets("raw_mnist_data")),
         "batch_digit_predictions": None,  # the nightly schedule's
+        "ab_test_report": None,  # the daily schedule's, or by hand: not part of the automation chain
     }
     # Conditions compare by structure: plain eager(), even under the same label, is not equal.
     assert {key: conditions[key] for key in expected} == expected

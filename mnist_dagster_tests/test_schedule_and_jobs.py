@@ -15,7 +15,12 @@ from dagster._utils.schedules import cron_string_iterator  # the tick times the 
 
 from mnist_dagster.assets.automation import TRANSIENT_IO_RETRY
 from mnist_dagster.definitions import build_defs
-from mnist_dagster.jobs.ml_jobs import TIMEZONE_ENV, nightly_batch_schedule, schedule_timezone
+from mnist_dagster.jobs.ml_jobs import (
+    TIMEZONE_ENV,
+    ab_test_report_schedule,
+    nightly_batch_schedule,
+    schedule_timezone,
+)
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster_tests.support import (
     PIPELINE_ASSETS,
@@ -65,6 +70,17 @@ def test_nightly_schedule_scores_the_inbox_at_2am_local_time(timezone, dev_env):
     assert request.job_name in (None, "batch_inference_job")  # None: the schedule's own job
 
 
+def test_the_ab_test_report_runs_daily_at_3am_local_time(dev_env):
+    schedule = ab_test_report_schedule("Europe/Berlin")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert (schedule.name, schedule.job_name) == ("daily_ab_test_report", "ab_test_report_job")
+    assert selected(build_defs("dev", dev_env), schedule.job_name) == {"ab_test_report"}
+    zone = ZoneInfo("Europe/Berlin")
+    after = datetime.datetime(2026, 6, 10, 14, 30, tzinfo=zone).timestamp()
+    ticks = cron_string_iterator(after, schedule.cron_schedule, schedule.execution_timezone)
+    assert [next(ticks) for _ in range(2)] == [datetime.datetime(2026, 6, day, 3, 0, tzinfo=zone) for day in (11, 12)]
+
+
 def test_daylight_saving_days_still_run_once():
     """Europe/Berlin has no 02:00 on 29 March 2026 and two on 25 October: one run each day regardless."""
     schedule = nightly_batch_schedule("Europe/Berlin")
@@ -79,11 +95,13 @@ def test_code_location_takes_the_timezone_from_the_environment():
     result = load_in_subprocess(
         {TIMEZONE_ENV: "America/New_York"},
         "from mnist_dagster.definitions import defs\n"
-        "[s] = defs.schedules\n"
-        "print(s.name, s.cron_schedule, s.execution_timezone)",
+        "for s in defs.schedules: print(s.name, s.cron_schedule, s.execution_timezone)",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["nightly_batch_predictions", "0", "2", "*", "*", "*", "America/New_York"]
+    assert [line.split() for line in result.stdout.splitlines()] == [
+        ["nightly_batch_predictions", "0", "2", "*", "*", "*", "America/New_York"],
+        ["daily_ab_test_report", "0", "3", "*", "*", "*", "America/New_York"],
+    ]
 
 
 def test_unknown_timezone_fails_the_load_naming_the_variable():
@@ -95,13 +113,15 @@ def test_unknown_timezone_fails_the_load_naming_the_variable():
 def test_everything_automatic_is_on_when_the_code_location_loads(dev_env):
     defs = build_defs("dev", dev_env)
     assert {schedule.name: schedule.default_status for schedule in defs.schedules} == {
-        "nightly_batch_predictions": dg.DefaultScheduleStatus.RUNNING
+        "nightly_batch_predictions": dg.DefaultScheduleStatus.RUNNING,
+        "daily_ab_test_report": dg.DefaultScheduleStatus.RUNNING,
     }
     assert {sensor.name: sensor.default_status for sensor in defs.sensors} == {
         "new_labelled_data_sensor": dg.DefaultSensorStatus.RUNNING,
         "automation_sensor": dg.DefaultSensorStatus.RUNNING,
         "slack_on_run_failure": dg.DefaultSensorStatus.RUNNING,
         "slack_on_model_not_deployed": dg.DefaultSensorStatus.RUNNING,
+        "slack_on_ab_test_decision": dg.DefaultSensorStatus.RUNNING,
         "close_orphaned_mlflow_runs": dg.DefaultSensorStatus.RUNNING,
         "sweep_winner_sensor": dg.DefaultSensorStatus.RUNNING,
     }
@@ -115,6 +135,8 @@ def test_jobs_cover_the_stages_people_launch_by_hand(dev_env):
     assert selected(defs, "full_pipeline_job") == PIPELINE_ASSETS
     assert selected(defs, "training_job") == {"digit_classifier", "model_evaluation", "production_digit_classifier"}
     assert selected(defs, "batch_inference_job") == {"batch_digit_predictions"}
+    assert selected(defs, "ab_test_report_job") == {"ab_test_report"}
+    assert [node.name for node in defs.resolve_job_def("rollback_job").nodes] == ["roll_back_production"]
 
 
 def test_retries_only_where_a_second_attempt_can_help(dev_env):
@@ -133,6 +155,8 @@ def test_retries_only_where_a_second_attempt_can_help(dev_env):
     }
     for never in ("processed_mnist_data", "digit_classifier", "model_evaluation"):
         assert full[never] is None, f"{never} fails the same way twice"
+    assert full["ab_test_report"] is None  # a retry after a promotion would find no trial left to judge
+    assert policies("rollback_job") == {"roll_back_production": None}  # twice would roll back twice
     assert policies("training_job")["digit_classifier"] is None
     assert policies("batch_inference_job") == {"batch_digit_predictions": TRANSIENT_IO_RETRY}
 

@@ -250,3 +250,31 @@ def test_model_kept_out_by_the_gate_is_reported_once(instance, slack, slack_stub
     for _ in range(2):  # once, not at every tick
         result = tick(slack_on_model_not_deployed, instance, slack, result.cursor)
     assert len(slack_stub.delivered) == 1
+
+
+@dg.asset(name="model_evaluation")
+def worse_than_production_stand_in() -> dict:
+    """Above the threshold, but on the same test images production alone was right 30 times, the candidate 10."""
+    comparison = {
+        "production_version": "1", "production_test_accuracy": 0.99, "candidate_test_accuracy": 0.97,
+        "candidate_right_production_wrong": 10, "production_right_candidate_wrong": 30, "mcnemar_p_value": 0.0022,
+    }  # fmt: skip
+    return {"test_accuracy": 0.97, "comparison": comparison}
+
+
+def test_a_refusal_by_mcnemar_reads_as_one_sentence_with_its_numbers(instance, slack, slack_stub, dev_env, dev_test_resources):
+    from mnist_dagster.serving import bundle, deploy
+
+    deploy.make_production(LocalStore(dev_env["MNIST_DATA_DIR"]), bundle.make_bundle("1", b"onnx"), "test")
+    cursor = tick(slack_on_model_not_deployed, instance, slack, None).cursor
+    dg.materialize(
+        [candidate_stand_in, worse_than_production_stand_in, production_digit_classifier],
+        resources=dev_test_resources,
+        instance=instance,
+    )
+    tick(slack_on_model_not_deployed, instance, slack, cursor)
+    [message] = slack_stub.delivered
+    head, numbers = message["text"].splitlines()[:2]
+    assert head.startswith(":warning: *New model not deployed*: significantly worse than production version 1")
+    assert "McNemar's exact test p = 0.0022 &lt; alpha 0.05." in head and not head.endswith("..")
+    assert numbers == "Test accuracy 0.9700, threshold 0.95; production stays at model version 1."

@@ -1,4 +1,5 @@
-"""Inference from the production model only: the nightly batch over the inbox, and the real-time endpoint.
+"""Inference from the production model only: the nightly batch over the inbox, the real-time endpoint, and
+the daily report that judges a challenger on the endpoint's live traffic.
 
 Dagster produces and publishes; a small HTTP service (`mnist-dagster serve`) serves. Both read the
 bundle that `production_digit_classifier` deployed past the gate, never a candidate. The work itself
@@ -6,9 +7,11 @@ lives in `mnist_dagster.serving` (no Dagster there); these assets run it and des
 """
 
 import dagster as dg
+from pydantic import Field
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown, table
+from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, SERVING_ROOT
@@ -205,3 +208,94 @@ def _check_live_server(context, url: str, version: str, images, digits, config: 
         "http_latency_p50_ms": check.percentile_ms(live.latencies, 50),
         "http_latency_p99_ms": check.percentile_ms(live.latencies, 99),
     }
+
+
+class AbTestConfig(dg.Config):
+    min_labelled_per_arm: int = Field(200, ge=1)  # below this many labelled predictions in either arm: need_more_data
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # promote only when the challenger is better at this significance
+    auto_promote: bool = False  # on `promote`, make the challenger production (endpoint and MLflow alias too)
+
+
+@dg.asset(
+    group_name="inference",
+    kinds={"mlflow"},
+    deps=["production_digit_classifier"],
+    # No retry policy: a retry after a promotion would find no trial and report that instead.
+)
+def ab_test_report(
+    context: dg.AssetExecutionContext, config: AbTestConfig, storage: StorageResource, mlflow: MlflowTracking
+) -> dg.MaterializeResult:
+    """Champion vs challenger on live traffic: the endpoint's predictions joined with the labels clients
+    sent back (`POST /feedback`; the latest label for a prediction wins), per arm, for the trial running
+    now, and the decision: `promote`, `keep` or `need_more_data` (the rule is in the metadata, in words).
+
+    With `auto_promote`, a `promote` makes the challenger production at once: store, endpoint, MLflow
+    aliases. No trial, no traffic or no feedback is a quick successful run that says so.
+    """
+    from mnist_dagster.serving import ab_report
+
+    store = storage.open()
+    trial = ab_report.current_trial(store)
+    if trial is None:
+        status = "no trial running: production serves alone (routing replace), so there is nothing to compare"
+        context.log.info(status)
+        return dg.MaterializeResult(metadata={"decision": "no trial", "status": status, "promoted": False})
+    predictions, feedback = ab_report.read_trial_logs(store, trial)
+    report = ab_report.build_report(predictions, feedback, trial, config.min_labelled_per_arm, config.alpha)
+    context.log.info(f"{report.decision.verdict}: {report.decision.why}")
+    promoted = config.auto_promote and report.decision.verdict == "promote"
+    if promoted:
+        _promote(context, store, mlflow, report)
+    return dg.MaterializeResult(metadata=_ab_metadata(report, config, promoted))
+
+
+def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, report) -> None:
+    """The challenger becomes production, and the endpoint, the registry and the asset history follow."""
+    from mnist_dagster.assets.deployment_ops import announce_production
+    from mnist_dagster.serving import deploy
+
+    previous, promoted = deploy.promote_challenger(store)
+    why = f"promoted after an A/B test ({report.trial.strategy}): {report.decision.why}"
+    announce_production(context, store, mlflow, "promoted", previous, why)
+    context.log.info(f"Challenger version {promoted} promoted to production (was {previous})")
+
+
+def _ab_metadata(report, config: AbTestConfig, promoted: bool) -> dict:
+    """What a person reads on the asset page: the arms, the decision with its numbers, and the rule."""
+    from mnist_dagster.serving.ab_report import rule_text
+
+    trial, decision = report.trial, report.decision
+    metadata = {
+        "decision": decision.verdict,
+        "finding": decision.finding,
+        "why": decision.why,
+        "rule": rule_text(trial.strategy, config.min_labelled_per_arm, config.alpha),
+        "test": decision.test,
+        "p_value": decision.p_value if decision.p_value is not None else "not computed (too few labels)",
+        "alpha": config.alpha,
+        "min_labelled_per_arm": config.min_labelled_per_arm,
+        "arms": table([report.production.row(), report.challenger.row()], list(report.production.row())),
+        "strategy": trial.strategy,
+        "production_version": trial.production_version,
+        "challenger_version": trial.challenger_version,
+        "production_accuracy": _or_none(report.production.accuracy),
+        "challenger_accuracy": _or_none(report.challenger.accuracy),
+        "production_labelled": report.production.n,
+        "challenger_labelled": report.challenger.n,
+        "prediction_lines": report.predictions,
+        "feedback_lines": report.feedback,
+        "promoted": promoted,
+        "auto_promote": config.auto_promote,
+    }
+    if trial.strategy == "shadow":
+        metadata["agreement_rate"] = _or_none(report.agreement)
+        metadata["shadowed_requests"] = report.shadowed
+        metadata["labelled_without_shadow"] = report.unpaired
+    if report.predictions == 0 or report.feedback == 0:
+        missing = "no predictions logged" if report.predictions == 0 else "no feedback sent"
+        metadata["status"] = f"{missing} since the trial started: nothing to judge yet"
+    return metadata
+
+
+def _or_none(value: float | None) -> float | str:
+    return round(value, 4) if value is not None else "none yet"

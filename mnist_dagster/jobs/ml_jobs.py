@@ -1,8 +1,9 @@
-"""Asset jobs for the stages a person launches by hand, and the nightly 2 AM batch schedule.
+"""Jobs a person launches by hand, and the daily schedules: the 2 AM batch and the 3 AM A/B test report.
 
 Retries live on the steps that do I/O (`raw_mnist_data`, `production_digit_classifier`, and the
 batch job's S3 reads and writes); training and evaluation are never retried, since a crash or a
-model below the gate fails the same way again.
+model below the gate fails the same way again. Neither is a rollback or a promotion: done twice, it would
+undo itself.
 """
 
 import os
@@ -10,11 +11,13 @@ from collections.abc import Mapping
 
 import dagster as dg
 
+from mnist_dagster.assets.deployment_ops import roll_back_production
 from mnist_dagster.assets.experiment_assets import model_sweep
 
 
 TIMEZONE_ENV = "MNIST_SCHEDULE_TIMEZONE"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 every day, in the schedule's time zone
+AB_REPORT_CRON = "0 3 * * *"  # 03:00, after the nightly batch
 
 full_pipeline_job = dg.define_asset_job(
     "full_pipeline_job",
@@ -31,6 +34,19 @@ batch_inference_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("batch_digit_predictions"),
     description="Score everything new in the inference inbox with the production model.",
 )
+ab_test_report_job = dg.define_asset_job(
+    "ab_test_report_job",
+    selection=dg.AssetSelection.assets("ab_test_report"),
+    description="Judge the challenger on live traffic and feedback: promote, keep or need_more_data.",
+)
+
+
+@dg.job(
+    description="Put an earlier production version back (default: the previous one), on the endpoint within "
+    "seconds; config `version` names another. A missing or corrupt bundle fails and changes nothing."
+)
+def rollback_job():
+    roll_back_production()
 
 
 def schedule_timezone(env: Mapping[str, str] = os.environ) -> str:
@@ -39,18 +55,33 @@ def schedule_timezone(env: Mapping[str, str] = os.environ) -> str:
 
 
 def nightly_batch_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
-    """`batch_inference_job` at 02:00 in `timezone`, running as soon as the code location loads.
+    """`batch_inference_job` at 02:00 in `timezone`, running as soon as the code location loads."""
+    return _daily(
+        "nightly_batch_predictions", batch_inference_job, NIGHTLY_CRON, timezone,
+        "Scores the inference inbox with the production model every night at 02:00.",
+    )  # fmt: skip
 
-    An unknown zone fails the load, naming the variable, rather than scheduling at a surprising hour.
-    """
+
+def ab_test_report_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
+    """`ab_test_report_job` at 03:00 in `timezone`: a day's feedback, judged once a day (it promotes only
+    when its config says `auto_promote`; the schedule runs it with the defaults)."""
+    return _daily(
+        "daily_ab_test_report", ab_test_report_job, AB_REPORT_CRON, timezone,
+        "Reports champion vs challenger on live traffic every day at 03:00: promote, keep or need_more_data.",
+    )  # fmt: skip
+
+
+def _daily(name: str, job, cron: str, timezone: str, description: str) -> dg.ScheduleDefinition:
+    """A schedule on from the start. An unknown zone fails the load, naming the variable, rather than
+    scheduling at a surprising hour."""
     try:
         return dg.ScheduleDefinition(
-            name="nightly_batch_predictions",
-            job=batch_inference_job,
-            cron_schedule=NIGHTLY_CRON,
+            name=name,
+            job=job,
+            cron_schedule=cron,
             execution_timezone=timezone,
             default_status=dg.DefaultScheduleStatus.RUNNING,
-            description="Scores the inference inbox with the production model every night at 02:00.",
+            description=description,
         )
     except dg.DagsterInvalidDefinitionError as error:
         raise ValueError(
@@ -64,9 +95,10 @@ model_sweep_job = model_sweep.to_job(
     description="Train and evaluate the named candidates side by side; report candidate_leaderboard.",
 )
 
-JOBS = [full_pipeline_job, training_job, batch_inference_job, model_sweep_job]
+JOBS = [full_pipeline_job, training_job, batch_inference_job, ab_test_report_job, rollback_job, model_sweep_job]
 
 
 def schedules_for(env: Mapping[str, str] = os.environ) -> list[dg.ScheduleDefinition]:
     """The schedules, with `MNIST_SCHEDULE_TIMEZONE` read from `env` when the definitions are built."""
-    return [nightly_batch_schedule(schedule_timezone(env))]
+    timezone = schedule_timezone(env)
+    return [nightly_batch_schedule(timezone), ab_test_report_schedule(timezone)]

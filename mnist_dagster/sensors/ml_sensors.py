@@ -1,6 +1,6 @@
 """Sensors, all running as soon as the code location loads: new labelled data, declarative automation,
-Slack alerts for failed runs and for models the deployment gate kept out, and the clean-up of MLflow
-runs a killed step left RUNNING.
+Slack alerts for failed runs, for models the deployment gate kept out, for rollbacks and for the A/B
+report's decisions, and the clean-up of MLflow runs a killed step left RUNNING.
 
 Each sensor keeps its own cursor. The Slack sensors move theirs past an event only once its message
 was posted, so a Slack outage delays alerts instead of losing them (dagster's `run_failure_sensor`
@@ -23,6 +23,7 @@ from mnist_dagster.resources.storage import StorageResource
 
 RAW_DATA = dg.AssetKey("raw_mnist_data")
 PRODUCTION_MODEL = dg.AssetKey("production_digit_classifier")
+AB_TEST_REPORT = dg.AssetKey("ab_test_report")
 HIDDEN_JOB_PREFIX = "__"  # __ASSET_JOB, __anonymous_asset_job_<sensor>: runs of an ad-hoc asset selection
 EVENTS_PER_TICK = 10  # a tick posts at most this many alerts; the rest follow on the next tick
 MAX_FAILED_STEPS_SHOWN = 5
@@ -290,43 +291,118 @@ def _accuracy(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _not_deployed_text(materialization: dg.AssetMaterialization, run_id: str, run_url: str) -> str | None:
-    """The gate's verdict when it kept a candidate out; None for a deployment."""
+def _production_change_text(materialization: dg.AssetMaterialization, run_id: str, run_url: str) -> str | None:
+    """What Slack hears about a materialization of `production_digit_classifier`: the gate's refusal and a
+    rollback are news; a deployment past the gate is not, and a promotion is told by the A/B report's alert."""
     metadata = {key: value.value for key, value in materialization.metadata.items()}
-    if metadata.get("deployed") is not False:
+    if metadata.get("deployed") is False:
+        lines = [
+            f":warning: *New model not deployed*: {_escape(str(metadata.get('reason', 'no reason recorded')))}.",
+            f"Test accuracy {_accuracy(metadata.get('test_accuracy'))}, threshold {metadata.get('threshold')}; "
+            f"production stays at model version {metadata.get('model_version')}.",
+        ]
+    elif metadata.get("decision") == "rolled back":
+        lines = [
+            f":rewind: *Production rolled back* from version {metadata.get('previous_version')} to version "
+            f"{metadata.get('model_version')}: {_escape(str(metadata.get('reason', 'no reason recorded')))}.",
+        ]
+    else:
         return None
-    lines = [
-        f":warning: *New model not deployed*: {_escape(str(metadata.get('reason', 'no reason recorded')))}.",
-        f"Test accuracy {_accuracy(metadata.get('test_accuracy'))}, threshold {metadata.get('threshold')}; "
-        f"production stays at model version {metadata.get('model_version')}.",
-    ]
     if run_id:  # a materialization reported from outside a run has none
         lines.append(f"<{run_url}|Open run {run_id[:8]} in Dagster>")
     return "\n".join(lines)
+
+
+def _materialization_alerts(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, slack: SlackAlerts, text: Callable[..., str | None]
+) -> tuple[Callable[[], int], Callable[[int], Iterator[Alert]]]:
+    """(latest event id, alerts after a cursor) for the materializations of one asset, each told by `text`."""
+
+    def latest_materialization_id() -> int:
+        records = instance.fetch_materializations(asset_key, limit=1).records
+        return records[0].storage_id if records else -1
+
+    def alerts_after(cursor: int) -> Iterator[Alert]:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=asset_key, after_storage_id=cursor), limit=EVENTS_PER_TICK, ascending=True
+        ).records
+        for record in records:
+            yield Alert(record.storage_id, text(instance, record, slack.run_url(record.run_id)))
+
+    return latest_materialization_id, alerts_after
 
 
 @dg.sensor(
     name="slack_on_model_not_deployed",
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=60,
-    description="Posts to Slack, once each, when a trained model fails the deployment gate.",
+    description="Posts to Slack, once each, when a trained model fails the deployment gate and when production "
+    "is rolled back.",
 )
 def slack_on_model_not_deployed(context: dg.SensorEvaluationContext, slack: SlackAlerts) -> dg.SensorResult:
-    instance = context.instance
+    def text(_instance: dg.DagsterInstance, record: dg.EventLogRecord, run_url: str) -> str | None:
+        return _production_change_text(record.asset_materialization, record.run_id, run_url)
 
-    def latest_materialization_id() -> int:
-        records = instance.fetch_materializations(PRODUCTION_MODEL, limit=1).records
-        return records[0].storage_id if records else -1
+    latest, alerts_after = _materialization_alerts(context.instance, PRODUCTION_MODEL, slack, text)
+    return _alerting_tick(context, slack, latest, alerts_after)
 
-    def alerts_after(cursor: int) -> Iterator[Alert]:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=PRODUCTION_MODEL, after_storage_id=cursor), limit=EVENTS_PER_TICK, ascending=True
-        ).records
-        for record in records:
-            run_id = record.run_id
-            yield Alert(record.storage_id, _not_deployed_text(record.asset_materialization, run_id, slack.run_url(run_id)))
 
-    return _alerting_tick(context, slack, latest_materialization_id, alerts_after)
+def _ab_decision_text(metadata: dict, run_id: str, run_url: str) -> str:
+    """The A/B report's decision, its numbers and whether the challenger was promoted, in a few lines."""
+    trial = f"A/B test ({metadata['strategy']})"
+    production, challenger = metadata["production_version"], metadata["challenger_version"]
+    if metadata["decision"] == "promote":
+        head = f":trophy: *{trial}: challenger version {challenger} beats production version {production}*"
+        outcome = (
+            f"Promoted: version {challenger} is production now, on the endpoint and in MLflow."
+            if metadata.get("promoted")
+            else "Not promoted (auto_promote is off): materialize ab_test_report with `auto_promote: true` to do it."
+        )
+    else:
+        head = f":scales: *{trial}: keep production version {production}* ({metadata['finding']})"
+        outcome = f"Challenger version {challenger} stays on trial."
+    numbers = _escape(str(metadata["why"]))  # both accuracies with their n, the test and its p-value
+    if metadata.get("agreement_rate") is not None:
+        numbers += f"; the two models agreed on {_percent(metadata['agreement_rate'])} of shadowed requests"
+    lines = [head, f"{numbers}.", outcome]
+    if run_id:
+        lines.append(f"<{run_url}|Open run {run_id[:8]} in Dagster>")
+    return "\n".join(lines)
+
+
+def _percent(value: object) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, float) else str(value)
+
+
+def _ab_report_text(instance: dg.DagsterInstance, record: dg.EventLogRecord, run_url: str) -> str | None:
+    """A decision is news (`promote`, or `keep`) when it is new for this pair of versions: the daily report
+    repeating yesterday's `keep` says nothing; `need_more_data` and "no trial" never are."""
+    metadata = _metadata(record)
+    if metadata.get("decision") not in {"promote", "keep"}:
+        return None
+    earlier = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=AB_TEST_REPORT, before_storage_id=record.storage_id), limit=1
+    ).records
+    news = ("decision", "finding", "production_version", "challenger_version", "promoted")
+    if earlier and all(_metadata(earlier[0]).get(key) == metadata.get(key) for key in news):
+        return None
+    return _ab_decision_text(metadata, record.run_id, run_url)
+
+
+def _metadata(record: dg.EventLogRecord) -> dict:
+    return {key: value.value for key, value in record.asset_materialization.metadata.items()}
+
+
+@dg.sensor(
+    name="slack_on_ab_test_decision",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Posts to Slack, once each, what ab_test_report decided (promote or keep, with the numbers, and "
+    "whether the challenger was promoted), when the decision is new for the trial.",
+)
+def slack_on_ab_test_decision(context: dg.SensorEvaluationContext, slack: SlackAlerts) -> dg.SensorResult:
+    latest, alerts_after = _materialization_alerts(context.instance, AB_TEST_REPORT, slack, _ab_report_text)
+    return _alerting_tick(context, slack, latest, alerts_after)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +536,7 @@ SENSORS = [
     automation_sensor,
     slack_on_run_failure,
     slack_on_model_not_deployed,
+    slack_on_ab_test_decision,
     close_orphaned_mlflow_runs,
     sweep_winner_sensor,
 ]
