@@ -1,0 +1,106 @@
+"""The deployment gate on real comparisons: a candidate significantly worse than production on the same
+test images is refused with its p-value; an equal one passes; strategies deploy a challenger beside it.
+
+Generated data, the real pipeline assets, a real MLflow store: production is trained first, then each
+candidate goes through `digit_classifier` -> `model_evaluation` -> `production_digit_classifier`.
+"""
+
+import json
+
+import dagster as dg
+import mlflow
+import pytest
+
+from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, ROUTING_KEY, SERVING_ROOT
+from mnist_dagster.serving import bundle, deploy
+from mnist_dagster.storage import LocalStore
+from mnist_dagster_tests.support import FAST_RUN_CONFIG, FAST_TRAINING, pipeline_assets_and_checks
+
+CANDIDATE_STEPS = ["digit_classifier", "model_evaluation", "production_digit_classifier"]
+#: Barely trained: far below production on the same images, yet above a threshold of 0.
+UNDERTRAINED = {**FAST_TRAINING, "epochs": 1, "max_lr": 0.0005, "batch_size": 512}
+
+
+def run(resources, instance, selection=None, training=FAST_TRAINING, deployment=None) -> dg.ExecuteInProcessResult:
+    assets, checks = pipeline_assets_and_checks()
+    ops = {**FAST_RUN_CONFIG["ops"], "digit_classifier": {"config": training}}
+    if deployment is not None:
+        ops["production_digit_classifier"] = {"config": deployment}
+    if selection is not None:  # config only for the steps that run
+        ops = {name: value for name, value in ops.items() if name in selection}
+    result = dg.materialize(
+        [*assets, *checks], selection=selection, resources=resources, instance=instance, run_config={"ops": ops}
+    )
+    assert result.success
+    return result
+
+
+def gate_metadata(result: dg.ExecuteInProcessResult) -> dict:
+    event = result.asset_materializations_for_node("production_digit_classifier")[0]
+    return {key: value.value for key, value in event.metadata.items()}
+
+
+@pytest.fixture
+def with_production(dev_test_resources, instance) -> str:
+    """Data, training and the gate once: version 1 in production."""
+    return gate_metadata(run(dev_test_resources, instance, ["raw_mnist_data", "processed_mnist_data", *CANDIDATE_STEPS]))[
+        "model_version"
+    ]
+
+
+def test_a_significantly_worse_candidate_is_refused_with_its_p_value(dev_test_resources, dev_env, instance, with_production):
+    store = LocalStore(dev_env["MNIST_DATA_DIR"])
+    worse = run(dev_test_resources, instance, CANDIDATE_STEPS, UNDERTRAINED, {"accuracy_threshold": 0.0})
+    metadata = gate_metadata(worse)
+    assert metadata["deployed"] is False and metadata["decision"] == "refused"
+    assert metadata["test_accuracy"] < metadata["production_test_accuracy"]
+    assert metadata["production_right_candidate_wrong"] > metadata["candidate_right_production_wrong"]
+    assert metadata["mcnemar_p_value"] < 0.05
+    assert "significantly worse than production version 1" in metadata["reason"]
+    assert "McNemar's exact test p =" in metadata["reason"]
+    assert metadata["model_version"] == with_production == bundle.current_version(store, PRODUCTION_ROOT)
+    evaluation = worse.asset_materializations_for_node("model_evaluation")[0].metadata
+    assert evaluation["compared_with_production"].value["production_version"] == "1"
+
+
+def test_an_equal_candidate_passes_and_replaces_production(dev_test_resources, dev_env, instance, with_production):
+    same = gate_metadata(run(dev_test_resources, instance, CANDIDATE_STEPS))  # same seed, same data: the same model
+    assert same["deployed"] is True and same["decision"] == "production"
+    assert same["candidate_right_production_wrong"] == same["production_right_candidate_wrong"] == 0
+    assert same["mcnemar_p_value"] == 1.0 and "not significantly worse" in same["reason"]
+    store = LocalStore(dev_env["MNIST_DATA_DIR"])
+    assert bundle.current_version(store, PRODUCTION_ROOT) == same["model_version"] == "2"
+    assert [entry["version"] for entry in deploy.production_history(store)] == ["1", "2"]
+    client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == "2"
+
+
+@pytest.mark.parametrize("strategy", ["ab_test", "shadow"])
+def test_a_passing_candidate_becomes_the_challenger_beside_production(
+    dev_test_resources, dev_env, instance, with_production, strategy
+):
+    deployment = {"strategy": strategy, "challenger_traffic": 0.25}
+    trial = gate_metadata(run(dev_test_resources, instance, CANDIDATE_STEPS, deployment=deployment))
+    assert trial["deployed"] is True and trial["decision"] == f"challenger ({strategy})"
+    store = LocalStore(dev_env["MNIST_DATA_DIR"])
+    assert bundle.current_version(store, PRODUCTION_ROOT) == "1"  # production keeps serving
+    assert deploy.current_challenger(store).version == trial["model_version"] == "2"
+    assert deploy.read_routing(store) == deploy.Routing(strategy, 0.25)
+    client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == "1"
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "challenger").version) == "2"
+
+    # digit_predictions publishes both to the endpoint, the routing file last.
+    published = run(dev_test_resources, instance, ["raw_mnist_data", "digit_predictions"])
+    metadata = published.asset_materializations_for_node("digit_predictions")[0].metadata
+    assert metadata["challenger_version"].value == "2"
+    assert bundle.current_version(store, SERVING_ROOT) == "1"
+    assert bundle.current_version(store, CHALLENGER_ROOT) == "2"
+    assert json.loads(store.read_bytes(ROUTING_KEY)) == {"strategy": strategy, "challenger_traffic": 0.25}
+
+
+def test_the_first_model_needs_only_the_threshold(dev_test_resources, dev_env, instance):
+    first = gate_metadata(run(dev_test_resources, instance, deployment={"strategy": "ab_test"}))
+    assert first["deployed"] is True and first["decision"] == "production"  # nothing to trial against
+    assert first["production_test_accuracy"] == "no production model yet"
+    assert deploy.current_challenger(LocalStore(dev_env["MNIST_DATA_DIR"])) is None
