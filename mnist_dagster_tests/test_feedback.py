@@ -144,4 +144,4 @@ def test_the_writer_keeps_lines_through_a_store_outage_and_drops_only_the_oldest
     log.flush()
     lines = read_json_lines(store, "feedback")
     assert [line["prediction_id"] for line in lines] == [f"id-{index}" for index in range(3, 8)]
-    assert lines[0]["time"] == "2023-11-14T22:13:23+00:00" and set(lines[0]) == FEEDBACK_KEYS
+    assert lines[0]["time"] == "2023-11-14T22:13:23.000000+00:00" and set(lines[0]) == FEEDBACK_KEYS

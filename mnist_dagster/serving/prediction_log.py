@@ -19,13 +19,14 @@ about 260 MB) rather than the writer's default.
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mnist_dagster.layout import PREDICTION_LOG_PREFIX
-from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
+from mnist_dagster.serving.jsonl import JsonLinesLog, LogRecord, iso_utc, read_json_lines
 from mnist_dagster.storage import Store
 
 MAX_PENDING_PREDICTIONS = 200_000
@@ -48,7 +49,8 @@ class PredictionRecord:
     shadow_digit: int | None = None
     shadow_version: str | None = None
 
-    def line(self) -> dict[str, Any]:
+    def line(self, image: str | None = None) -> dict[str, Any]:
+        """The line's fields but `time`; `image` when the writer already encoded it with a whole batch."""
         line = {
             "prediction_id": self.prediction_id,
             "arm": self.arm,
@@ -56,17 +58,18 @@ class PredictionRecord:
             "digit": self.digit,
             "confidence": self.confidence,
             "endpoint": self.endpoint,
-            "image": encode_image(self.pixels),
+            "image": image if image is not None else encode_images(self.pixels[None])[0],
         }
         if self.shadow_version is not None:
             line["shadow_digit"], line["shadow_version"] = self.shadow_digit, self.shadow_version
         return line
 
 
-def encode_image(pixels: np.ndarray) -> str:
-    """float (28, 28) in [0, 1] -> base64 of its 784 uint8 grey levels: a sixth of the JSON numbers' size."""
-    grey = np.rint(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
-    return base64.b64encode(grey.tobytes()).decode("ascii")
+def encode_images(pixels: np.ndarray) -> list[str]:
+    """float (N, 28, 28) in [0, 1] -> base64 of each image's 784 uint8 grey levels (a sixth of the size of
+    the JSON numbers), in one numpy pass for the lot."""
+    grey = np.rint(np.clip(pixels.reshape(-1, 784), 0.0, 1.0) * 255).astype(np.uint8)
+    return [base64.b64encode(row).decode("ascii") for row in grey]
 
 
 def logged_image(value: str) -> np.ndarray:
@@ -85,6 +88,13 @@ class PredictionLog(JsonLinesLog):
         max_pending: int = MAX_PENDING_PREDICTIONS,
     ) -> None:
         super().__init__(store, prefix, flush_seconds, max_pending)
+
+    def encode(self, records: list[LogRecord]) -> list[str]:
+        """The lines of `PredictionRecord`s, their images encoded together (the bulk of the writer's work)."""
+        images = encode_images(np.stack([record.pixels for record in records]))
+        return [
+            json.dumps({"time": iso_utc(record.time), **record.line(image)}) for record, image in zip(records, images)
+        ]
 
 
 def read_prediction_log(store: Store, prefix: str = PREDICTION_LOG_PREFIX) -> list[dict]:
