@@ -114,7 +114,9 @@ class DigitService:
         routing_key: str = ROUTING_KEY,
     ) -> None:
         self.watcher = ModelWatcher(store, root, poll_seconds)
-        self.challenger_watcher = ModelWatcher(store, challenger_root, poll_seconds)
+        # One ONNX thread for the challenger: its shadow batches then run on the shadow scorer's own (lowered
+        # priority) thread and never take more than one core from production; a single image is no slower.
+        self.challenger_watcher = ModelWatcher(store, challenger_root, poll_seconds, threads=1)
         self.routing_watcher = RoutingWatcher(store, routing_key, poll_seconds)
         self.router = Router(self.watcher, self.challenger_watcher, self.routing_watcher)
         self.logs = logs or Logs()

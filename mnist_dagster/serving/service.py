@@ -184,14 +184,17 @@ class ModelWatcher(Poller):
     A new version is loaded and self-tested in the background, then swapped in with one assignment, so a
     request sees the old model or the new one, never a mix. A version that fails to load is refused
     (logged, shown by `/health`) and the current model keeps serving; it is retried every
-    `retry_seconds` in case the failure was the store's rather than the bundle's.
+    `retry_seconds` in case the failure was the store's rather than the bundle's. `threads`: ONNX Runtime's
+    intra-op threads (0: its default pool; 1: the calling thread only).
     """
 
     thread_name = "model-watcher"
 
-    def __init__(self, store: Store, root: str, poll_seconds: float = 1.0, retry_seconds: float = 30.0) -> None:
+    def __init__(
+        self, store: Store, root: str, poll_seconds: float = 1.0, retry_seconds: float = 30.0, threads: int = 0
+    ) -> None:
         super().__init__(poll_seconds)
-        self.store, self.root, self.retry_seconds = store, root, retry_seconds
+        self.store, self.root, self.retry_seconds, self.threads = store, root, retry_seconds, threads
         self.current: LoadedModel | None = None
         self.refused: dict[str, tuple[str, float]] = {}  # version -> (reason, monotonic time refused)
         self._pointer_error: str | None = None
@@ -205,9 +208,9 @@ class ModelWatcher(Poller):
         if refused is not None and time.monotonic() - refused[1] < self.retry_seconds:
             return
         try:
-            # ONNX Runtime's default thread pool, whose idle threads sleep rather than spin (see `Predictor`):
+            # By default ONNX Runtime's own thread pool, whose idle threads sleep rather than spin (see `Predictor`):
             # a single-image request runs on the event loop, so nothing else competes with the pool for the CPU.
-            predictor = Predictor(load(self.store, self.root, version))
+            predictor = Predictor(load(self.store, self.root, version), self.threads)
         except BundleError as error:
             self.refused[version] = (str(error), time.monotonic())
             serving = self.current.version if self.current else "nothing"
