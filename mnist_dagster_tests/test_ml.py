@@ -5,11 +5,10 @@ import io
 from dataclasses import replace
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
-from mnist_dagster.ml import data, evaluate, model, plots, train
+from mnist_dagster.ml import data, evaluate, plots, train
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster_tests.support import generated_digits, serve_folder, write_mnist_mirror
 

@@ -1,7 +1,7 @@
-"""What champion vs challenger costs the endpoint, measured on a real `mnist-dagster serve` (not a test:
-run it; meant to be folded into `benchmarks/inference_benchmark.py`).
+"""What champion vs challenger costs the endpoint, measured on a real `mnist-dagster serve` (a
+benchmark: its numbers are in the README).
 
-    python -m mnist_dagster_tests.serving_ab_benchmark [--rounds 20] [--requests 150] [--per-client 40]
+    python benchmarks/serving_ab_benchmark.py [--rounds 20] [--requests 150] [--per-client 40]
 
 One server, production "1" and challenger "2" published; the routing file is switched between the modes
 in many short rounds (the server polls every 0.2 s here), so a drift in the machine's other load falls on
@@ -15,14 +15,15 @@ every mode alike and nothing differs between the modes but the routing:
 - `Router.choose` timed in process: the routing's whole cost on the request path, which HTTP latencies
   on a shared machine are too noisy to resolve.
 
-The model is the production architecture trained one epoch on 10k real MNIST images (the real-data
-tests' `real_model`), served as production and, under another version, as the challenger (same cost).
+The model is the production architecture trained one epoch on 10k real MNIST images (as in the inference
+benchmark), served as production and, under another version, as the challenger (same cost).
 The HTTP client is the inference benchmark's lean keep-alive client.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -36,18 +37,20 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
-from mnist_dagster.serving.bundle import make_bundle, publish
-from mnist_dagster.serving.preprocess import encode_png
-from mnist_dagster.serving.routing import Router, Routing, client_share
-from mnist_dagster.serving.service import LoadedModel
-from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.serving_support import real_model, real_test_set
-from mnist_dagster_tests.support import REAL_MNIST_DIR, REPO_ROOT
-
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT  # noqa: E402
+from mnist_dagster.serving.bundle import make_bundle, publish  # noqa: E402
+from mnist_dagster.serving.preprocess import encode_png  # noqa: E402
+from mnist_dagster.serving.routing import Router, Routing, client_share  # noqa: E402
+from mnist_dagster.serving.service import LoadedModel  # noqa: E402
+from mnist_dagster.storage import LocalStore  # noqa: E402
 from inference_benchmark import (  # noqa: E402 - the benchmark folder is not a package
     KeepAliveClient,
+    read_real_mnist,
+    train_default_cnn,
     concurrent_rate,
     free_port,
     http_request,
@@ -63,10 +66,15 @@ AB_TEST = {"strategy": "ab_test", "challenger_traffic": 0.1}
 SHADOW = {"strategy": "shadow"}
 
 
+@functools.cache
+def real_mnist() -> dict:
+    return read_real_mnist(REPO_ROOT.parent / "shared" / "data" / "mnist")
+
+
 def start_server(folder: Path) -> tuple[object, int, LocalStore]:
     """Production "1" and challenger "2" (the same ONNX) published, the prediction log on; (process, port, store)."""
     store = LocalStore(folder / "store")
-    model = real_model(REAL_MNIST_DIR)
+    model, _ = train_default_cnn(real_mnist(), 10_000)
     publish(store, SERVING_ROOT, make_bundle("1", model.onnx))
     publish(store, CHALLENGER_ROOT, make_bundle("2", model.onnx))
     port = free_port()
@@ -98,7 +106,7 @@ def with_client_key(request: bytes, key: str) -> bytes:
 
 
 def png_requests(port: int, count: int = 200) -> list[bytes]:
-    images = real_test_set(REAL_MNIST_DIR)[2][:count]
+    images = real_mnist()["test_images"][:count]
     return [http_request(port, "/predict", "image/png", encode_png(image)) for image in images]
 
 
