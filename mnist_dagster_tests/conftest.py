@@ -17,6 +17,7 @@ from mnist_dagster_tests.support import REAL_MNIST_DIR, write_mnist_mirror
 pytest_plugins = [
     "mnist_dagster_tests.s3_server",  # s3_endpoint, prod_env
     "mnist_dagster_tests.serving_fixtures",  # generated_bundle, real_bundle, real_digits
+    "mnist_dagster_tests.slack_stub_server",  # slack_to_stub
 ]
 
 

@@ -71,6 +71,31 @@ def write_instance_home(home: Path, repo_config: Path = REPO_ROOT / "dagster.yam
     return home
 
 
+@contextmanager
+def loopback_dev_env(tmp_path: Path, mnist_dir: Path, **extra: str) -> Iterator[dict[str, str]]:
+    """`dagster dev`'s environment for a test: a temporary home configured like the repository and a data
+    folder in `tmp_path`, MNIST from `mnist_dir` served over HTTP on 127.0.0.1. Skips where the repository's
+    `.env` would override what the test sets (dagster dev loads it over the process environment)."""
+    import pytest
+
+    from mnist_dagster_tests.support import serve_folder
+
+    overridden = dotenv_overrides()
+    if overridden:
+        pytest.skip(f"the repository's .env sets {', '.join(overridden)}; dagster dev would apply them over the test's")
+    with serve_folder(mnist_dir) as mirror:
+        yield isolated_env(
+            {
+                "DAGSTER_HOME": str(write_instance_home(tmp_path / "dagster_home")),
+                "DAGSTER_DEPLOYMENT": "dev",
+                "DAGSTER_DISABLE_TELEMETRY": "1",
+                "MNIST_MIRRORS": mirror,
+                "MNIST_DATA_DIR": str(tmp_path / "data"),
+                **extra,
+            }
+        )
+
+
 # --- processes -------------------------------------------------------------------------------------
 
 

@@ -8,9 +8,14 @@ timeout. Only messages it accepted are in `delivered`; every request, accepted o
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
+
+import pytest
+
+STUB_TOKEN = "xoxb-test-stub-token"
 
 Mode = Literal["ok", "error_500", "slow"]
 
@@ -81,3 +86,14 @@ def _handler_for(stub: SlackStub) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+@pytest.fixture
+def slack_to_stub(monkeypatch) -> Iterator[tuple]:
+    """The Slack resource as the code location builds it, pointed at a started stand-in; (resource, stub)."""
+    from mnist_dagster.resources.slack import slack_alerts
+
+    stub = SlackStub(token=STUB_TOKEN).start()
+    monkeypatch.setenv("SLACK_BOT_TOKEN", STUB_TOKEN)
+    yield slack_alerts({"SLACK_BOT_TOKEN": STUB_TOKEN, "SLACK_API_URL": stub.api_url}), stub
+    stub.stop()

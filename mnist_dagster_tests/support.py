@@ -78,6 +78,23 @@ def generated_digits(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
+def generated_split(count: int, seed: int, val_fraction: float, test_count: int = 200):
+    """Generated digits as the asset's split: normalised, stratified train/validation, and a test set drawn
+    from the same images (fine for checking mechanics, not accuracy)."""
+    import torch
+
+    from mnist_dagster.ml import data
+
+    images, labels = generated_digits(count, seed)
+    raw = {
+        "train_images": torch.from_numpy(images),
+        "train_labels": torch.from_numpy(labels).long(),
+        "test_images": torch.from_numpy(images[:test_count]),
+        "test_labels": torch.from_numpy(labels[:test_count]).long(),
+    }
+    return data.normalise_and_split(raw, val_fraction, seed=0)
+
+
 def write_idx_gz(path: Path, array: np.ndarray) -> None:
     """The IDX format MNIST uses: magic (type 0x08 = uint8, ndim), big-endian dims, raw bytes."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

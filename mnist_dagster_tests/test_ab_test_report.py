@@ -4,7 +4,6 @@ where a promotion moves the aliases, and its Slack alert (through a stand-in for
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import dagster as dg
 import mlflow
@@ -15,17 +14,14 @@ from scipy import stats
 from mnist_dagster.assets.prediction_assets import ab_test_report
 from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.ml.compare import two_proportion_test
-from mnist_dagster.resources.slack import slack_alerts
 from mnist_dagster.sensors.ml_sensors import slack_on_ab_test_decision
 from mnist_dagster.serving import bundle, deploy
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.slack_stub_server import SlackStub
 
 MODEL = "mnist-digit-classifier"
 BLANK = np.zeros((28, 28), np.float32)
-TOKEN = "xoxb-test-ab-report"
 
 
 # ----- a trial and its traffic, in the serving format ---------------------------------------------
@@ -276,22 +272,13 @@ def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_
 # ----- Slack ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def slack(monkeypatch) -> Iterator[tuple]:
-    """The Slack resource as the code location builds it, pointed at a stand-in for Slack; (resource, stub)."""
-    stub = SlackStub(token=TOKEN).start()
-    monkeypatch.setenv("SLACK_BOT_TOKEN", TOKEN)
-    yield slack_alerts({"SLACK_BOT_TOKEN": TOKEN, "SLACK_API_URL": stub.api_url}), stub
-    stub.stop()
-
-
 def tick(instance, resource, cursor: str | None) -> str:
     context = dg.build_sensor_context(instance=instance, resources={"slack": resource}, cursor=cursor)
     return slack_on_ab_test_decision(context).cursor
 
 
-def test_a_decision_is_posted_once_and_again_only_when_it_changes(dev_test_resources, instance, store, slack):
-    resource, stub = slack
+def test_a_decision_is_posted_once_and_again_only_when_it_changes(dev_test_resources, instance, store, slack_to_stub):
+    resource, stub = slack_to_stub
     cursor = tick(instance, resource, None)
     start_trial(store, "ab_test")
     report(dev_test_resources, instance)  # need_more_data: no news

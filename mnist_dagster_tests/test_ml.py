@@ -10,7 +10,7 @@ import torch
 
 from mnist_dagster.ml import data, evaluate, plots, train
 from mnist_dagster.ml.config import TrainingConfig
-from mnist_dagster_tests.support import generated_digits, serve_folder, write_mnist_mirror
+from mnist_dagster_tests.support import generated_digits, generated_split, serve_folder, write_mnist_mirror
 
 
 @pytest.fixture
@@ -135,22 +135,11 @@ def test_labelled_batch_validation():
             data.read_labelled_batch(payload)
 
 
-def _generated_split(n: int = 1500):
-    images, labels = generated_digits(n, seed=7)
-    raw = {
-        "train_images": torch.from_numpy(images),
-        "train_labels": torch.from_numpy(labels).long(),
-        "test_images": torch.from_numpy(images[:200]),
-        "test_labels": torch.from_numpy(labels[:200]).long(),
-    }
-    return data.normalise_and_split(raw, 0.2, seed=0)
-
-
 SMALL = TrainingConfig(channels=(4, 8), hidden=16, epochs=2, batch_size=64, max_lr=0.02, max_shift=1)
 
 
 def test_training_learns_and_is_deterministic_for_a_seed():
-    split = _generated_split()
+    split = generated_split(1500, seed=7, val_fraction=0.2)
     a, b = train.fit(split, SMALL), train.fit(split, SMALL)
     assert a.history[-1].train_loss < a.history[0].train_loss
     assert a.history[-1].val_accuracy > 0.9

@@ -22,7 +22,13 @@ from mnist_dagster.serving import bundle
 from mnist_dagster.serving.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import running_server
-from mnist_dagster_tests.support import FAST_TRAINING, generated_digits, pipeline_assets_and_checks, wait_for
+from mnist_dagster_tests.support import (
+    FAST_TRAINING,
+    generated_digits,
+    generated_split,
+    pipeline_assets_and_checks,
+    wait_for,
+)
 
 #: Each architecture at a size that trains in a second or two on generated digits.
 TINY = {
@@ -35,14 +41,7 @@ QUICK = {"epochs": 2, "batch_size": 64, "max_lr": 0.01}
 
 @pytest.fixture(scope="module")
 def split() -> data.NormalisedSplit:
-    images, labels = generated_digits(1200, seed=3)
-    raw = {
-        "train_images": torch.from_numpy(images),
-        "train_labels": torch.from_numpy(labels).long(),
-        "test_images": torch.from_numpy(images[:300]),
-        "test_labels": torch.from_numpy(labels[:300]).long(),
-    }
-    return data.normalise_and_split(raw, 0.1, seed=0)
+    return generated_split(1200, seed=3, val_fraction=0.1, test_count=300)
 
 
 def test_every_architecture_is_registered_and_every_candidate_builds():

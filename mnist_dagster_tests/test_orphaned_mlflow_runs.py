@@ -28,14 +28,12 @@ from mnist_dagster.sensors.ml_sensors import KILLED_RUNS_TAG, close_orphaned_mlf
 from mnist_dagster_tests.dagster_dev import (
     TERMINAL_RUN_STATUSES,
     DagsterDev,
-    dotenv_overrides,
     first_error,
     group_pids,
-    isolated_env,
+    loopback_dev_env,
     running_dagster_dev,
-    write_instance_home,
 )
-from mnist_dagster_tests.support import REPO_ROOT, free_port, serve_folder, wait_for
+from mnist_dagster_tests.support import REPO_ROOT, free_port, wait_for
 
 #: Starts an MLflow run the way `digit_classifier` does, says so, then trains "forever".
 TRAINING_STAND_IN = """
@@ -301,20 +299,8 @@ def run_worker_pid(dev: DagsterDev, run_id: str) -> int | None:
 def dagster_dev_env(tmp_path, real_mnist_dir) -> Iterator[dict[str, str]]:
     """`dagster dev`'s environment: a temporary home configured like the repository, real MNIST from a
     loopback mirror (the product's md5s; generated files would not pass them)."""
-    overridden = dotenv_overrides()
-    if overridden:
-        pytest.skip(f"the repository's .env sets {', '.join(overridden)}; dagster dev would apply them over the test's")
-    with serve_folder(real_mnist_dir) as mirror:
-        yield isolated_env(
-            {
-                "DAGSTER_HOME": str(write_instance_home(tmp_path / "dagster_home")),
-                "DAGSTER_DEPLOYMENT": "dev",
-                "DAGSTER_DISABLE_TELEMETRY": "1",
-                "MNIST_MIRRORS": mirror,
-                "MNIST_DATA_DIR": str(tmp_path / "data"),
-                "MNIST_DEVICE": "cpu",
-            }
-        )
+    with loopback_dev_env(tmp_path, real_mnist_dir, MNIST_DEVICE="cpu") as env:
+        yield env
 
 
 @pytest.mark.slow

@@ -12,16 +12,13 @@ import pytest
 
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.layout import PRODUCTION_ROOT, SERVING_ROOT
-from mnist_dagster.resources.slack import slack_alerts
 from mnist_dagster.sensors.ml_sensors import slack_on_model_not_deployed
 from mnist_dagster.serving import bundle, deploy
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, running_server
-from mnist_dagster_tests.slack_stub_server import SlackStub
 from mnist_dagster_tests.support import generated_digits, wait_for
 
 MODEL = "mnist-digit-classifier"
-TOKEN = "xoxb-test-rollback"
 
 
 @pytest.fixture
@@ -88,8 +85,8 @@ def test_a_missing_or_corrupted_version_fails_clearly_and_changes_nothing(dev_en
     assert instance.fetch_materializations(dg.AssetKey("production_digit_classifier"), limit=1).records == []
 
 
-def test_the_running_server_answers_with_the_restored_version_within_seconds(dev_env, instance, store, slack):
-    resource, stub = slack
+def test_the_running_server_answers_with_the_restored_version_within_seconds(dev_env, instance, store, slack_to_stub):
+    resource, stub = slack_to_stub
     cursor = tick(instance, resource, None)
     with running_server(store.root, poll_seconds=1.0) as url:  # the server's default poll
         assert served_version(url) == "3"
@@ -124,15 +121,6 @@ def test_by_default_it_goes_back_to_the_version_before(dev_env, instance, store)
 
 
 # ----- Slack ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def slack(monkeypatch):
-    """The Slack resource as the code location builds it, pointed at a stand-in for Slack; (resource, stub)."""
-    stub = SlackStub(token=TOKEN).start()
-    monkeypatch.setenv("SLACK_BOT_TOKEN", TOKEN)
-    yield slack_alerts({"SLACK_BOT_TOKEN": TOKEN, "SLACK_API_URL": stub.api_url}), stub
-    stub.stop()
 
 
 def tick(instance, resource, cursor: str | None) -> str:

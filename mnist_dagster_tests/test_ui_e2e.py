@@ -28,14 +28,12 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from mnist_dagster_tests.dagster_dev import (
     DagsterDev,
-    dotenv_overrides,
     first_error,
+    loopback_dev_env,
     format_events,
-    isolated_env,
     running_dagster_dev,
-    write_instance_home,
 )
-from mnist_dagster_tests.support import PIPELINE_ASSETS, serve_folder
+from mnist_dagster_tests.support import PIPELINE_ASSETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data, pytest.mark.timeout(1800)]
 
@@ -93,19 +91,8 @@ def chromium() -> Path:
 @pytest.fixture
 def dev_env(tmp_path, real_mnist_dir) -> Iterator[dict[str, str]]:
     """`dagster dev`'s environment: a temporary home and data folder, MNIST from a loopback HTTP mirror."""
-    overridden = dotenv_overrides()
-    if overridden:
-        pytest.skip(f"the repository's .env sets {', '.join(overridden)}; dagster dev would apply them over the test's")
-    with serve_folder(real_mnist_dir) as mirror:
-        yield isolated_env(
-            {
-                "DAGSTER_HOME": str(write_instance_home(tmp_path / "dagster_home")),
-                "DAGSTER_DEPLOYMENT": "dev",
-                "DAGSTER_DISABLE_TELEMETRY": "1",
-                "MNIST_MIRRORS": mirror,
-                "MNIST_DATA_DIR": str(tmp_path / "data"),
-            }
-        )
+    with loopback_dev_env(tmp_path, real_mnist_dir) as env:
+        yield env
 
 
 @pytest.fixture
