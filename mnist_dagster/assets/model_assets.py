@@ -187,7 +187,7 @@ def production_digit_classifier(
     becomes a new registry version and, by `strategy`, production (`replace`: files first, pointer last,
     then the `production` alias) or the challenger beside it (`ab_test`, `shadow`: alias `challenger`).
     """
-    from mnist_dagster.serving import bundle, deploy
+    from mnist_dagster.serving import bundle
 
     store = storage.open()
     accuracy, comparison = model_evaluation["test_accuracy"], model_evaluation.get("comparison")
@@ -208,15 +208,7 @@ def production_digit_classifier(
     candidate = bundle.make_bundle(
         version, digit_classifier["onnx"], test_accuracy=accuracy, mlflow_run_id=run_id, dagster_run_id=context.run_id
     )
-    if config.strategy == "replace" or previous is None:
-        deploy.make_production(store, candidate, f"passed the gate in run {context.run_id}")
-        mlflow.set_alias(PRODUCTION_ALIAS, version)
-        decision, served, where = "production", version, f"{PRODUCTION_ROOT}/{version}"
-    else:
-        deploy.start_trial(store, candidate, deploy.Routing(config.strategy, config.challenger_traffic))
-        mlflow.set_alias(CHALLENGER_ALIAS, version)
-        decision, served = f"challenger ({config.strategy})", f"{previous}+challenger-{version}"
-        where = f"{deploy.CHALLENGER_MODEL_ROOT}/{version}"
+    decision, served, where = _deploy(store, candidate, previous, config, mlflow, context.run_id)
     reason = _passed(accuracy, comparison, config)
     context.log.info(f"Version {version} deployed as {decision}: {reason}")
     return dg.MaterializeResult(
@@ -233,6 +225,20 @@ def production_digit_classifier(
         },
         data_version=dg.DataVersion(served),
     )
+
+
+def _deploy(store, candidate, previous: str | None, config: DeploymentConfig, mlflow: MlflowTracking, run_id: str):
+    """`candidate` becomes production or, by `config.strategy`, the challenger; (decision, data version, where)."""
+    from mnist_dagster.serving import deploy
+
+    version = candidate.version
+    if config.strategy == "replace" or previous is None:
+        deploy.make_production(store, candidate, f"passed the gate in run {run_id}")
+        mlflow.set_alias(PRODUCTION_ALIAS, version)
+        return "production", version, f"{PRODUCTION_ROOT}/{version}"
+    deploy.start_trial(store, candidate, deploy.Routing(config.strategy, config.challenger_traffic))
+    mlflow.set_alias(CHALLENGER_ALIAS, version)
+    return f"challenger ({config.strategy})", f"{previous}+challenger-{version}", f"{deploy.CHALLENGER_MODEL_ROOT}/{version}"
 
 
 def _refusal(accuracy: float, comparison: dict | None, production: str | None, config: DeploymentConfig) -> str | None:

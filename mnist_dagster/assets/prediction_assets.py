@@ -141,24 +141,15 @@ def digit_predictions(
     names a running server, it must then serve the new version within the timeout.
     """
     from mnist_dagster.serving import check, deploy
-    from mnist_dagster.serving.bundle import BundleError, Predictor
+    from mnist_dagster.serving.bundle import BundleError
 
     store = storage.open()
     production, challenger = _production_bundle(storage), deploy.current_challenger(store)
     images = raw_mnist_data["test_images"][: config.check_images].numpy()
     labels = raw_mnist_data["test_labels"][: config.check_images].numpy()
-    checks = {}
-    for role, candidate in (("production", production), ("challenger", challenger)):
-        if candidate is None:
-            continue
-        try:
-            checks[role] = check.check_serving_path(Predictor(candidate), images, labels, config.probability_tolerance)
-        except check.ServingCheckError as error:
-            raise dg.Failure(
-                f"Not published: the {role} model (version {candidate.version}): {error}.",
-                metadata={"model_version": candidate.version, "role": role},
-                allow_retries=False,  # the same model and code fail the same way
-            ) from error
+    path = _check_serving_path("production", production, images, labels, config.probability_tolerance)
+    if challenger is not None:
+        _check_serving_path("challenger", challenger, images, labels, config.probability_tolerance)
     routing = deploy.publish_to_endpoint(store, production)
     try:
         check.verify_published(store, SERVING_ROOT, production)
@@ -167,7 +158,6 @@ def digit_predictions(
     except (check.ServingCheckError, BundleError) as error:
         raise dg.Failure(f"Publishing failed its read-back: {error}") from error
     context.log.info(f"Published production {production.version} to {store.uri(SERVING_ROOT)}; routing {routing}")
-    path = checks["production"]
 
     recorded = production.manifest.get("test_accuracy")
     metadata = {
@@ -189,6 +179,21 @@ def digit_predictions(
         metadata["http_check"] = "skipped: no running server to check (MNIST_SERVING_URL is not set)"
     served = production.version + (f"+challenger-{challenger.version}-{routing.strategy}" if challenger else "")
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(served))
+
+
+def _check_serving_path(role: str, model, images, labels, tolerance: float):
+    """The server's code answers what `model` answers on the check images; else nothing is published."""
+    from mnist_dagster.serving import check
+    from mnist_dagster.serving.bundle import Predictor
+
+    try:
+        return check.check_serving_path(Predictor(model), images, labels, tolerance)
+    except check.ServingCheckError as error:
+        raise dg.Failure(
+            f"Not published: the {role} model (version {model.version}): {error}.",
+            metadata={"model_version": model.version, "role": role},
+            allow_retries=False,  # the same model and code fail the same way
+        ) from error
 
 
 def _check_live_server(context, url: str, version: str, images, digits, config: ServingCheckConfig) -> dict:
