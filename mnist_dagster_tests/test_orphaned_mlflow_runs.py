@@ -332,6 +332,10 @@ def test_under_dagster_dev_a_kill_9_during_training_ends_with_the_mlflow_run_kil
             interval=0.5,
             message=f"the sensor to mark MLflow run {mlflow_run} KILLED (dagster dev log: {dev.log_path})",
         )
-        messages = [event.get("message") or "" for event in dev.api.run_events(run_id)]
-        assert any(mlflow_run in message and "marked KILLED" in message for message in messages), messages[-5:]
+        # The sensor closes the MLflow run first, then writes its engine event into the run's log.
+        said = lambda: any(  # noqa: E731
+            mlflow_run in (event.get("message") or "") and "marked KILLED" in (event.get("message") or "")
+            for event in dev.api.run_events(run_id)
+        )
+        wait_for(said, timeout=30, interval=0.5, message=f"the run's log to say MLflow run {mlflow_run} was marked KILLED")
         assert dev.stop().clean
