@@ -33,17 +33,24 @@ def random_affine(
 ) -> Tensor:
     """Rotate each image by up to `max_degrees` about its centre, scale it by a factor in `scale`, and
     translate it by up to `max_translate_px` pixels along each axis (all uniform, continuous)."""
-    n, _, height, width = images.shape
+    n = images.shape[0]
     if n == 0:
         return images.clone()
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_degrees)
     factor = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_translate_px
+    return affine_warp(images, angle, factor, shift, background)
+
+
+def affine_warp(images: Tensor, angle: Tensor, factor: Tensor, shift_px: Tensor, background: float) -> Tensor:
+    """Rotate image i by `angle[i]` radians about its centre, scale it by `factor[i]` and translate it by
+    `shift_px[i]` = (x, y) pixels: the deterministic warp behind `random_affine` and the robustness metric."""
+    _, _, height, width = images.shape
     # affine_grid maps output coordinates to input coordinates (the inverse of the warp), in units where
     # the image spans [-1, 1]: one pixel is 2 / side. Warp: p -> s R p + t; inverse: R^T (p - t) / s.
     cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
     inverse = torch.stack([torch.stack([cos, sin], dim=1), torch.stack([-sin, cos], dim=1)], dim=1)  # (n, 2, 2)
-    t = shift * torch.tensor([2.0 / width, 2.0 / height])
+    t = shift_px * torch.tensor([2.0 / width, 2.0 / height])
     theta = torch.cat([inverse, -(inverse @ t.unsqueeze(2))], dim=2)  # (n, 2, 3)
     grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return _sample(images, grid, background)

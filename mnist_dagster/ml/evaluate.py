@@ -1,8 +1,23 @@
-"""Test-set evaluation: accuracy, confusion matrix, per-class precision, recall and F1."""
+"""Test-set evaluation: accuracy, confusion matrix, per-class scores, and the metrics beyond accuracy.
+
+`evaluate` gives what the gate needs (accuracy, the confusion matrix, per-class precision, recall and
+F1). The metrics beyond accuracy (calibration, robustness, the top confused pairs) are plain functions
+registered with `@metric`: each takes the `Scored` test set and returns a `MetricResult`, which
+`model_evaluation` shows in the UI and logs to MLflow. To add one, write one function here:
+
+    @metric()
+    def mean_confidence(scored: Scored) -> MetricResult:
+        # the average top probability: a quick read of over- or under-confidence
+        return MetricResult({"mean_confidence": scored.probabilities.max(1).values.mean().item()})
+
+It then runs in every evaluation (`@metric(default=False)`: only when the config names it).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,6 +35,7 @@ class Evaluation:
     f1: list[float]
     predictions: torch.Tensor
     confidences: torch.Tensor
+    probabilities: torch.Tensor  # (N, 10) softmax
 
     def misclassified(self, labels: torch.Tensor) -> torch.Tensor:
         """Indices of wrong predictions, most confident mistakes first."""
@@ -53,4 +69,181 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
         f1=f1,
         predictions=predictions,
         confidences=confidences,
+        probabilities=probabilities,
     )
+
+
+# --- metrics beyond accuracy -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What every metric sees: the model, the test set as it takes it, and its answers on it."""
+
+    model: nn.Module
+    images: torch.Tensor  # (N, 1, 28, 28) standardised: (pixels - mean) / std
+    labels: torch.Tensor
+    probabilities: torch.Tensor  # (N, 10) softmax of the model on `images`
+    mean: float
+    std: float
+    device: str = "cpu"
+    seed: int = 0  # every random perturbation is drawn from it: same seed, same table
+
+    def pixels(self) -> torch.Tensor:
+        """The test images as pixels in [0, 1] (white ink on black), where perturbations are defined."""
+        return (self.images * self.std + self.mean).clamp(0, 1)
+
+    def accuracy_on(self, pixels: torch.Tensor) -> float:
+        """The model's accuracy on these labels for other pixels (e.g. perturbed test images)."""
+        logits = predict_logits(self.model, (pixels - self.mean) / self.std, self.device)
+        return (logits.argmax(1) == self.labels).double().mean().item()
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """Numbers (logged as MLflow metrics), an optional table and PNG, and a sentence saying what was tested."""
+
+    scalars: dict[str, float]
+    table: list[dict] = field(default_factory=list)
+    png: bytes | None = None
+    summary: str = ""
+    columns: tuple[str, ...] = ()  # the table's columns when it may be empty (default: the first row's keys)
+
+
+Metric = Callable[[Scored], MetricResult]
+METRICS: dict[str, Metric] = {}
+DEFAULT_METRICS: list[str] = []
+
+
+def metric(default: bool = True) -> Callable[[Metric], Metric]:
+    """Register a metric under its function's name; `default` ones run when the config names none."""
+
+    def register(function: Metric) -> Metric:
+        METRICS[function.__name__] = function
+        if default:
+            DEFAULT_METRICS.append(function.__name__)
+        return function
+
+    return register
+
+
+def run_metrics(scored: Scored, names: Sequence[str] | None = None) -> dict[str, MetricResult]:
+    """The named metrics (the defaults when `names` is None), in order; an unknown name is an error."""
+    names = DEFAULT_METRICS if names is None else list(names)
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; ml/evaluate.py defines {', '.join(METRICS)}")
+    return {name: METRICS[name](scored) for name in names}
+
+
+def calibration_bins(confidences: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> list[dict]:
+    """Equal-width confidence bins over [0, 1]: each bin's image count, mean confidence and accuracy."""
+    index = (confidences.double() * bins).floor().long().clamp(0, bins - 1)  # confidence 1.0 goes in the top bin
+    rows = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        rows.append({
+            "lower": round(b / bins, 4), "upper": round((b + 1) / bins, 4), "images": count,
+            "confidence": confidences[members].double().mean().item() if count else math.nan,
+            "accuracy": correct[members].double().mean().item() if count else math.nan,
+        })  # fmt: skip
+    return rows
+
+
+def expected_calibration_error(bins: Sequence[dict]) -> float:
+    """ECE (Guo et al. 2017): the images-weighted mean of |accuracy - confidence| over the bins."""
+    total = sum(row["images"] for row in bins)
+    if total == 0:
+        return math.nan
+    return sum(row["images"] / total * abs(row["accuracy"] - row["confidence"]) for row in bins if row["images"])
+
+
+@metric()
+def calibration(scored: Scored) -> MetricResult:
+    """Does a 90%-confident answer come true 90% of the time? ECE over 15 equal-width bins, and the diagram."""
+    from mnist_dagster.ml import plots
+
+    confidences, predictions = scored.probabilities.max(1)
+    bins = calibration_bins(confidences, predictions == scored.labels)
+    ece = expected_calibration_error(bins)
+    table = [{**row, "confidence": round(row["confidence"], 4), "accuracy": round(row["accuracy"], 4)} for row in bins if row["images"]]
+    return MetricResult(
+        {"expected_calibration_error": ece},
+        table=table,
+        png=plots.reliability_diagram_png(bins, ece),
+        summary=(
+            "Expected calibration error: test images grouped in 15 equal-width bins of confidence (the top "
+            "softmax probability); the count-weighted mean gap between each bin's accuracy and its mean "
+            "confidence. 0 is perfectly calibrated; label smoothing makes a model slightly under-confident."
+        ),
+    )
+
+
+#: The perturbations `robustness` measures (see `perturbations`).
+ROBUSTNESS_NOISE_SIGMA = 0.3  # on [0, 1] pixels: digits stay legible to a person
+ROBUSTNESS_DEGREES = 15.0
+ROBUSTNESS_SHIFT_PX = 3
+
+
+def perturbations(pixels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """The test pixels under each perturbation the robustness table reports, drawn from `seed`: Gaussian
+    noise, a rotation each way about the centre, and a shift left, right, up or down (one per image)."""
+    from mnist_dagster.ml.augment import affine_warp
+
+    n = len(pixels)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(pixels.shape, generator=generator) * ROBUSTNESS_NOISE_SIGMA
+    unit = torch.ones(n)
+    no_shift = torch.zeros(n, 2)
+    directions = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    shift = directions[torch.randint(0, 4, (n,), generator=generator)] * ROBUSTNESS_SHIFT_PX
+    angle = math.radians(ROBUSTNESS_DEGREES)
+    return {
+        f"gaussian_noise_sigma_{ROBUSTNESS_NOISE_SIGMA:g}": (pixels + noise.to(pixels.device)).clamp(0, 1),
+        f"rotation_minus_{ROBUSTNESS_DEGREES:g}deg": affine_warp(pixels, torch.full((n,), -angle), unit, no_shift, 0.0),
+        f"rotation_plus_{ROBUSTNESS_DEGREES:g}deg": affine_warp(pixels, torch.full((n,), angle), unit, no_shift, 0.0),
+        f"shift_{ROBUSTNESS_SHIFT_PX}px": affine_warp(pixels, torch.zeros(n), unit, shift, 0.0),
+    }
+
+
+@metric()
+def robustness(scored: Scored) -> MetricResult:
+    """Accuracy on the test set under noise, rotation and shift a person would shrug at."""
+    clean = (scored.probabilities.argmax(1) == scored.labels).double().mean().item()
+    rows = [{"condition": "clean", "accuracy": round(clean, 4), "drop": 0.0}]
+    for condition, pixels in perturbations(scored.pixels(), scored.seed).items():
+        accuracy = scored.accuracy_on(pixels)
+        rows.append({"condition": condition, "accuracy": round(accuracy, 4), "drop": round(clean - accuracy, 4)})
+    worst = min(rows, key=lambda row: row["accuracy"])
+    return MetricResult(
+        {"robustness_worst_accuracy": worst["accuracy"], **{f"robust_accuracy_{r['condition']}": r["accuracy"] for r in rows[1:]}},
+        table=rows,
+        summary=(
+            f"Test accuracy under Gaussian pixel noise (sigma {ROBUSTNESS_NOISE_SIGMA} on [0, 1]), rotation by "
+            f"-{ROBUSTNESS_DEGREES:g} and +{ROBUSTNESS_DEGREES:g} degrees, and a {ROBUSTNESS_SHIFT_PX}-pixel shift in a random "
+            f"direction, drawn from seed {scored.seed}; worst: {worst['condition']} ({100 * worst['accuracy']:.2f}%)."
+        ),
+    )
+
+
+@metric()
+def confused_pairs(scored: Scored, top: int = 5) -> MetricResult:
+    """Which true digit is most often taken for which: the largest off-diagonal cells of the confusion matrix."""
+    confusion = confusion_matrix(scored.labels, scored.probabilities.argmax(1))
+    errors = confusion.clone().fill_diagonal_(0)
+    total = max(1, int(errors.sum()))
+    counts, cells = errors.flatten().topk(top)
+    rows = [
+        {"true": int(cell) // NUM_CLASSES, "predicted": int(cell) % NUM_CLASSES, "count": int(count),
+         "share_of_errors": round(int(count) / total, 4)}
+        for count, cell in zip(counts, cells, strict=True) if int(count) > 0
+    ]  # fmt: skip
+    top_share = sum(row["share_of_errors"] for row in rows)
+    return MetricResult(
+        {"top_confused_pairs_share_of_errors": top_share},
+        table=rows,
+        columns=("true", "predicted", "count", "share_of_errors"),
+        summary=f"The {len(rows)} most frequent (true -> predicted) mistakes on the test set: {100 * top_share:.0f}% of all {total} errors.",
+    )
+

@@ -84,3 +84,51 @@ def accuracy_vs_time_png(names: Sequence[str], seconds: Sequence[float], accurac
     axis.set_ylabel("validation accuracy (%)")
     axis.grid(alpha=0.3)
     return _png(figure)
+
+
+def reliability_diagram_png(bins: Sequence[dict], ece: float) -> bytes:
+    """Accuracy against confidence per confidence bin (rows of `evaluate.calibration_bins`), with the
+    diagonal a perfectly calibrated model lies on and each bin's share of images as bars below."""
+    figure, (axis, counts) = plt.subplots(2, 1, figsize=(5, 4.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = [row for row in bins if row["images"]]
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    axis.plot([row["confidence"] for row in filled], [row["accuracy"] for row in filled], "o-", color="tab:blue",
+              label="model")  # fmt: skip
+    axis.set_ylabel("accuracy in bin")
+    axis.set_title(f"Reliability diagram (test set): ECE = {100 * ece:.2f}%")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.grid(alpha=0.3)
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    total = max(1, sum(row["images"] for row in bins))
+    counts.bar([row["lower"] + width / 2 for row in bins], [row["images"] / total for row in bins], width=width * 0.9)
+    counts.set_yscale("log")
+    counts.set_xlabel("confidence (max softmax probability)")
+    counts.set_ylabel("share")
+    return _png(figure)
+
+
+def drift_histograms_png(
+    histograms: dict[str, tuple[Sequence[float], Sequence[float]]], moved: Sequence[str] = ()
+) -> bytes:
+    """prediction_drift's figure: per statistic, the reference shares (grey) against the current window's
+    (blue; red where that statistic passed a threshold). Feature bins are the training deciles, so a
+    reference bar near 0.1 in every bin is the expected picture."""
+    names = list(histograms)
+    columns = 4
+    rows = max(1, (len(names) + columns - 1) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 2.0), squeeze=False)
+    for axis in axes.flat[len(names) :]:
+        axis.axis("off")
+    for axis, name in zip(axes.flat, names):
+        reference, current = histograms[name]
+        positions = range(len(reference))
+        axis.bar([p - 0.2 for p in positions], reference, width=0.4, color="0.6", label="reference")
+        axis.bar([p + 0.2 for p in positions], current, width=0.4, color="tab:red" if name in moved else "tab:blue",
+                 label="current")  # fmt: skip
+        axis.set_title(name + (" (moved)" if name in moved else ""), fontsize=8)
+        axis.tick_params(labelsize=6)
+        axis.set_xlabel("digit" if name == "predicted_class" else "confidence bin (0.05)" if name == "confidence"
+                        else "training decile bin", fontsize=6)  # fmt: skip
+    axes.flat[0].legend(fontsize=6)
+    figure.tight_layout()
+    return _png(figure)

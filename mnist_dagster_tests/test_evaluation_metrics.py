@@ -1,0 +1,139 @@
+"""The metrics beyond accuracy (`ml/evaluate.py`): calibration on logits with a known answer, robustness
+tables reproducible for a seed, perturbations that do what their names say, confused pairs, the registry."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mnist_dagster.ml import evaluate
+from mnist_dagster.ml.config import TrainingConfig
+from mnist_dagster.ml.train import fit
+from mnist_dagster_tests.support import FAST_TRAINING, generated_split
+
+
+class FixedProbabilities(nn.Module):
+    """A 'model' for metrics that only read `Scored.probabilities`; never called."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the metric should not run the model")
+
+
+def logits_with_confidence(confidence: float, digit: int) -> torch.Tensor:
+    """Logits whose softmax puts `confidence` on `digit` and the rest evenly on the other nine."""
+    probabilities = torch.full((10,), (1 - confidence) / 9, dtype=torch.float64)
+    probabilities[digit] = confidence
+    return probabilities.log()
+
+
+def scored_from(logits: torch.Tensor, labels: torch.Tensor) -> evaluate.Scored:
+    images = torch.zeros(len(labels), 1, 28, 28)
+    return evaluate.Scored(FixedProbabilities(), images, labels, logits.softmax(1).float(), 0.13, 0.31)
+
+
+def test_calibration_error_has_the_known_answer():
+    # 50 answers at 0.9 confidence, all right (gap 0.1); 50 at 0.6, half right (gap 0.1): ECE = 0.1.
+    # 20 answers at 0.95, 19 right: the 0.95 bin's gap is exactly 0; weighting makes it 100 / 120 * 0.1.
+    logits, labels = [], []
+    for i in range(50):
+        logits.append(logits_with_confidence(0.9, 3)), labels.append(3)
+    for i in range(50):
+        logits.append(logits_with_confidence(0.6, 5)), labels.append(5 if i % 2 else 6)
+    result = evaluate.calibration(scored_from(torch.stack(logits), torch.tensor(labels)))
+    assert result.scalars["expected_calibration_error"] == pytest.approx(0.1, abs=1e-6)
+    assert [row["images"] for row in result.table] == [50, 50]
+    assert result.png.startswith(b"\x89PNG")
+
+    for i in range(20):
+        logits.append(logits_with_confidence(0.95, 1)), labels.append(1 if i else 2)
+    result = evaluate.calibration(scored_from(torch.stack(logits), torch.tensor(labels)))
+    assert result.scalars["expected_calibration_error"] == pytest.approx(100 / 120 * 0.1, abs=1e-6)
+
+
+def test_a_calibrated_model_has_zero_calibration_error_and_an_overconfident_one_does_not():
+    labels = torch.tensor([7] * 8 + [2] * 2)  # 80% right at 0.8 confidence: calibrated
+    calibrated = torch.stack([logits_with_confidence(0.8, 7)] * 10)
+    assert evaluate.calibration(scored_from(calibrated, labels)).scalars["expected_calibration_error"] == pytest.approx(0, abs=1e-6)
+    overconfident = torch.stack([logits_with_confidence(0.99, 7)] * 10)
+    ece = evaluate.calibration(scored_from(overconfident, labels)).scalars["expected_calibration_error"]
+    assert ece == pytest.approx(0.19, abs=1e-6)
+
+
+def test_confused_pairs_are_the_largest_mistakes_in_order():
+    labels = torch.tensor([4] * 6 + [7] * 3 + [1] * 10)
+    predicted = torch.tensor([9] * 5 + [4] + [1] * 3 + [1] * 10)  # 4->9 five times, 7->1 three times
+    logits = torch.stack([logits_with_confidence(0.9, int(d)) for d in predicted])
+    result = evaluate.confused_pairs(scored_from(logits, labels))
+    assert [(row["true"], row["predicted"], row["count"]) for row in result.table] == [(4, 9, 5), (7, 1, 3)]
+    assert result.scalars["top_confused_pairs_share_of_errors"] == pytest.approx(1.0)
+
+
+def test_perturbations_do_what_their_names_say():
+    pixels = torch.zeros(4, 1, 28, 28)
+    pixels[:, 0, 10:18, 12:16] = 1.0  # a bar, off the vertical axis of symmetry
+    perturbed = evaluate.perturbations(pixels, seed=0)
+    assert set(perturbed) == {"gaussian_noise_sigma_0.3", "rotation_minus_15deg", "rotation_plus_15deg", "shift_3px"}
+    for images in perturbed.values():
+        assert images.shape == pixels.shape and 0 <= images.min() and images.max() <= 1
+    # A whole-pixel shift moves the ink's centre by exactly 3 px along one axis.
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    def centre(image):
+        return torch.stack([(image * rows).sum(), (image * cols).sum()]) / image.sum()
+    for shifted in perturbed["shift_3px"]:
+        moved = centre(shifted[0]) - centre(pixels[0, 0])
+        assert sorted(moved.abs().tolist()) == pytest.approx([0.0, 3.0], abs=1e-4)
+    # Rotation keeps the ink's amount (nearly) and changes the image; the two directions differ.
+    for name in ("rotation_minus_15deg", "rotation_plus_15deg"):
+        assert perturbed[name].sum().item() == pytest.approx(pixels.sum().item(), rel=0.05)
+        assert not torch.allclose(perturbed[name], pixels, atol=0.1)
+    assert not torch.allclose(perturbed["rotation_minus_15deg"], perturbed["rotation_plus_15deg"], atol=0.1)
+    noise = perturbed["gaussian_noise_sigma_0.3"] - pixels
+    assert 0.15 < noise[pixels == 0].clamp(min=0).std().item() < 0.3  # half-normal on the black background
+
+
+@pytest.fixture(scope="module")
+def trained_scored() -> evaluate.Scored:
+    split = generated_split(600, seed=3, val_fraction=0.1)
+    trained = fit(split, TrainingConfig.from_mapping(FAST_TRAINING), device="cpu")
+    result = evaluate.evaluate(trained.model, split.test_images, split.test_labels)
+    return evaluate.Scored(trained.model, split.test_images, split.test_labels, result.probabilities, split.mean, split.std)
+
+
+def test_robustness_table_is_reproducible_for_a_seed(trained_scored):
+    first = evaluate.robustness(trained_scored)
+    again = evaluate.robustness(trained_scored)
+    assert first.table == again.table and first.scalars == again.scalars
+    clean = first.table[0]
+    assert clean["condition"] == "clean" and clean["accuracy"] > 0.9
+    for row in first.table[1:]:
+        assert row["drop"] == pytest.approx(clean["accuracy"] - row["accuracy"], abs=1e-4)
+        assert first.scalars[f"robust_accuracy_{row['condition']}"] == row["accuracy"]
+    assert first.scalars["robustness_worst_accuracy"] == min(row["accuracy"] for row in first.table)
+    # Another seed draws other noise and other shift directions.
+    other = evaluate.perturbations(trained_scored.pixels(), seed=1)
+    same = evaluate.perturbations(trained_scored.pixels(), seed=0)
+    assert not torch.equal(other["gaussian_noise_sigma_0.3"], same["gaussian_noise_sigma_0.3"])
+    assert not torch.equal(other["shift_3px"], same["shift_3px"])
+
+
+def test_run_metrics_runs_the_defaults_and_refuses_an_unknown_name(trained_scored):
+    results = evaluate.run_metrics(trained_scored)
+    assert list(results) == ["calibration", "robustness", "confused_pairs"]
+    assert all(result.summary for result in results.values())
+    assert math.isfinite(results["calibration"].scalars["expected_calibration_error"])
+    with pytest.raises(ValueError, match="unknown metric.*no_such_metric.*calibration"):
+        evaluate.run_metrics(trained_scored, ["calibration", "no_such_metric"])
+
+
+def test_a_metric_is_one_registered_function(trained_scored):
+    @evaluate.metric(default=False)
+    def mean_confidence(scored: evaluate.Scored) -> evaluate.MetricResult:
+        return evaluate.MetricResult({"mean_confidence": scored.probabilities.max(1).values.mean().item()})
+
+    try:
+        assert "mean_confidence" not in evaluate.DEFAULT_METRICS  # opt-in: runs only when named
+        (result,) = evaluate.run_metrics(trained_scored, ["mean_confidence"]).values()
+        assert 0.1 <= result.scalars["mean_confidence"] <= 1.0
+    finally:
+        del evaluate.METRICS["mean_confidence"]
