@@ -5,12 +5,12 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from mnist_dagster.assets import data_assets, experiment_assets, model_assets, prediction_assets
+from mnist_dagster.assets import data_assets, experiment_assets, model_assets, monitoring_assets, prediction_assets
 from mnist_dagster.jobs.ml_jobs import JOBS, schedules_for
 from mnist_dagster.resources import deployment_name, executor_for, resources_for
 from mnist_dagster.sensors.ml_sensors import SENSORS
 
-ASSET_MODULES = [data_assets, model_assets, prediction_assets, experiment_assets]
+ASSET_MODULES = [data_assets, model_assets, prediction_assets, experiment_assets, monitoring_assets]
 
 
 def build_defs(deployment: str | None = None, env: Mapping[str, str] = os.environ) -> dg.Definitions:
@@ -23,7 +23,7 @@ def build_defs(deployment: str | None = None, env: Mapping[str, str] = os.enviro
         schedules=schedules_for(env),
         sensors=SENSORS,
         resources=resources_for(deployment, env),
-        executor=executor_for(deployment),
+        executor=executor_for(deployment, env),
     )
 
 

@@ -97,6 +97,78 @@ def batch_digit_predictions(
     return dg.MaterializeResult(metadata=metadata)
 
 
+class BatchFanOutConfig(dg.Config):
+    shards: int = Field(4, ge=1, description="at most this many parallel scoring steps (a process, or a pod on k8s, each)")
+
+
+@dg.op(out={"shards": dg.DynamicOut(dict), "plan": dg.Out(dict)}, pool="batch_inference")
+def plan_batch_shards(context: dg.OpExecutionContext, config: BatchFanOutConfig, storage: StorageResource):
+    """What is new in the inbox (as `batch_digit_predictions` sees it), split into shards balanced by bytes;
+    the production version is fixed here, so every shard scores with the same model."""
+    from mnist_dagster.serving.batch import plan_shards
+
+    version = _production_bundle(storage).version
+    plan = plan_shards(storage.open(), config.shards)
+    context.log.info(
+        f"{sum(len(shard) for shard in plan.shards)} new of {plan.inbox_objects} inbox files in {len(plan.shards)} shards"
+    )
+    yield dg.Output({"inbox_objects": plan.inbox_objects, "seen": plan.seen, "model_version": version}, "plan")
+    for index, files in enumerate(plan.shards):
+        yield dg.DynamicOutput({"index": index, "files": files, "model_version": version}, f"shard_{index}", "shards")
+
+
+@dg.op(retry_policy=TRANSIENT_IO_RETRY)
+def score_batch_shard(context: dg.OpExecutionContext, shard: dict, storage: StorageResource) -> dict:
+    """Score one shard with the planned production version; its own Parquet file, no ledger write."""
+    from mnist_dagster.serving import bundle
+    from mnist_dagster.serving.batch import score_shard
+
+    store = storage.open()
+    predictor = bundle.Predictor(bundle.load(store, PRODUCTION_ROOT, shard["model_version"]))
+    result, done = score_shard(store, predictor, shard["files"], context.run_id, shard["index"])
+    context.log.info(
+        f"shard {shard['index']}: {len(result.predictions)} images from {len(shard['files'])} files, "
+        f"{result.images_per_second:,.0f} images/s"
+    )
+    return {
+        "index": shard["index"], "done": done, "scored": len(result.predictions), "rejected": len(result.rejected),
+        "images_per_second": round(result.images_per_second, 1), "seconds": round(result.seconds, 3),
+        "predictions": result.predictions_key,
+    }  # fmt: skip
+
+
+@dg.op(pool="batch_inference")
+def commit_batch_ledger(
+    context: dg.OpExecutionContext, plan: dict, scored: list[dict], storage: StorageResource
+) -> None:
+    """The ledger, written once after every shard's tables, and `batch_digit_predictions`'s materialization."""
+    from mnist_dagster.serving.batch import InboxPlan, commit_shards
+
+    store = storage.open()
+    commit_shards(store, InboxPlan(plan["inbox_objects"], [], plan["seen"]), [part["done"] for part in scored])
+    rows = sorted(({k: v for k, v in part.items() if k != "done"} for part in scored), key=lambda row: row["index"])
+    metadata = {
+        "model_version": plan["model_version"],
+        "inbox_files": plan["inbox_objects"],
+        "new_files": sum(len(part["done"]) for part in scored),
+        "shards": len(rows),
+        "scored": sum(row["scored"] for row in rows),
+        "rejected": sum(row["rejected"] for row in rows),
+        "status": f"scored {sum(row['scored'] for row in rows)} images in {len(rows)} parallel shards",
+    }
+    if rows:
+        metadata["min_images_per_second_per_worker"] = min(row["images_per_second"] for row in rows)
+        metadata["per_shard"] = table(rows, ["index", "scored", "rejected", "images_per_second", "seconds", "predictions"])
+    context.log_event(dg.AssetMaterialization("batch_digit_predictions", metadata=metadata))
+
+
+@dg.graph
+def batch_fanout():
+    """The nightly batch for a large backlog: plan -> one scoring step per shard, in parallel -> one ledger."""
+    plan_and_shards = plan_batch_shards()
+    commit_batch_ledger(plan_and_shards.plan, plan_and_shards.shards.map(score_batch_shard).collect())
+
+
 def _low_confidence_grid(result, count: int) -> dg.MarkdownMetadataValue:
     """The least confident predictions, captioned `digit (confidence)`."""
     import torch

@@ -3,14 +3,23 @@
 `digit_classifier` and the sweep's `train_candidate` op both train through `train_and_record`, so a
 model trained in a sweep is recorded exactly as one the pipeline trains: params, per-epoch metrics,
 the data it saw, the curve, the ONNX model with its input contract, and the checkpoint.
+
+With `processes` > 1 the same `fit` runs data-parallel (DDP) in torchrun's workers, launched through
+Dagster Pipes (`fit_with_torchrun`): rank 0's log lines reach the step live, its per-epoch metrics and
+result come back as Pipes messages (then to MLflow), and its checkpoint comes back as a file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import dagster as dg
 
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.mlflow import MlflowTracking
@@ -48,22 +57,30 @@ def train_and_record(
     split = data.NormalisedSplit.from_dict(processed)
     device = compute.resolve_device()
 
+    def log_metrics(stats: train.EpochStats) -> None:
+        mlflow_lib.log_metrics(
+            {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy, "learning_rate": stats.learning_rate},
+            step=stats.epoch,
+        )
+
     def log_epoch(stats: train.EpochStats) -> None:
         log.info(
             f"{run_name} epoch {stats.epoch}/{settings.epochs}: train_loss={stats.train_loss:.4f} "
             f"val_accuracy={stats.val_accuracy:.4f} ({stats.seconds:.1f}s)"
         )
-        mlflow_lib.log_metrics(
-            {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy, "learning_rate": stats.learning_rate},
-            step=stats.epoch,
-        )
+        log_metrics(stats)
 
     with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
         mlflow_lib.log_params({**settings.as_params(), **(params or {}), "device": device, "train_size": len(split.train_labels)})
         mlflow.log_training_data(
             split.train_images.numpy(), split.train_labels.numpy(), source=processed["source"], digest=processed["data_version"]
         )
-        trained = train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
+        if settings.processes > 1:  # rank 0 logs its epochs to the step live, through Pipes
+            trained = fit_with_torchrun(split, settings, device, compute.mixed_precision)
+            for stats in trained.history:
+                log_metrics(stats)
+        else:
+            trained = train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
         onnx = export_onnx(trained.checkpoint)
         curve = plots.training_curve_png([h.train_loss for h in trained.history], [h.val_accuracy for h in trained.history])
         mlflow_lib.log_params({"parameters": trained.parameters})
@@ -72,6 +89,65 @@ def train_and_record(
         mlflow_lib.log_dict({"architecture": trained.checkpoint["architecture"], **trained.checkpoint["config"]}, "architecture.json")
         model_uri = mlflow.log_model(onnx, checkpoint_to_bytes(trained.checkpoint), input_example(split))
     return TrainingRecord(trained, onnx, curve, run.info.run_id, model_uri)
+
+
+def fit_with_torchrun(split: Any, settings: Any, device: str, mixed_precision: bool) -> Any:
+    """`ml.train.fit` on `settings.processes` DDP workers (`ml.distributed`: torchrun --standalone), launched
+    from the current step with `PipesSubprocessClient`; returns the `TrainedModel` rank 0 saved and reported.
+
+    A worker that dies fails the step with its error (rank, signal or exception and traceback); torchrun
+    stops the other workers before this returns, and the caller's MLflow run ends FAILED.
+    """
+    import torch
+
+    from mnist_dagster.ml import distributed
+    from mnist_dagster.ml.model import load_checkpoint, parameter_count
+    from mnist_dagster.ml.train import EpochStats, TrainedModel
+
+    distributed.check_processes(settings.processes, device)
+    with tempfile.TemporaryDirectory(prefix="mnist-ddp-") as folder:
+        work = Path(folder)
+        torch.save(split.as_dict(), work / "split.pt")
+        command = distributed.launch_command(
+            settings.processes, work / "split.pt", settings.as_params(), work / "checkpoint.pt", device,
+            mixed_precision, work / "failures.json", work / "logs",
+        )  # fmt: skip
+        invocation = _run_pipes(command, work / "failures.json")
+        checkpoint = torch.load(work / "checkpoint.pt", weights_only=True)
+    messages = invocation.get_custom_messages()
+    history = [EpochStats(**_without_kind(m)) for m in messages if m.get("kind") == distributed.EPOCH]
+    result = next(m for m in messages if m.get("kind") == distributed.RESULT)
+    model, _ = load_checkpoint(checkpoint, device)
+    return TrainedModel(checkpoint, history, result["seconds"], parameter_count(model), model)
+
+
+def _run_pipes(command: list[str], failures: Path) -> Any:
+    """Run `command` under Dagster Pipes in the current step; a failed worker becomes a `dg.Failure`
+    carrying torchrun's record of it (retrying would fail the same way)."""
+    from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level
+
+    from mnist_dagster.ml import distributed
+
+    try:
+        # `train_and_record` is handed the step's logger, not its context: Pipes takes the current one
+        return dg.PipesSubprocessClient().run(context=dg.OpExecutionContext.get(), command=command)
+    except DagsterPipesExecutionError as error:
+        if not failures.exists():  # torchrun itself failed (bad arguments, no free port): its own error
+            raise
+        record = json.loads(failures.read_text())
+        root = record["failures"][0]
+        raise dg.Failure(
+            description=distributed.failure_summary(record),
+            metadata={
+                "torchrun_report": dg.MetadataValue.text(record["report"]),
+                "worker_traceback": dg.MetadataValue.text(root["traceback"] or "(none: the worker raised no Python error)"),
+            },
+            allow_retries=False,
+        ) from error
+
+
+def _without_kind(message: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in message.items() if key != "kind"}
 
 
 def input_example(split: Any, count: int = 2) -> Any:

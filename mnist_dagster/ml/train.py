@@ -3,6 +3,12 @@ one-cycle learning rate, over the one block of defaults in `mnist_dagster.ml.con
 
 MNIST fits in memory many times over, so batches are sliced from tensors directly (no DataLoader
 workers to start); on CUDA the data is moved once and mixed precision is used.
+
+Data-parallel (DDP): when a `torch.distributed` process group is up (torchrun started this process,
+see `ml.distributed`), the same `fit` trains a `DistributedDataParallel` model. Every rank draws the
+same batch order and augmentation from the seed and trains on its strided share of each global batch
+of `batch_size` images, so the data stream, the schedule and the effective batch are the single-process
+run's (only BatchNorm's batch statistics are per rank).
 """
 
 from __future__ import annotations
@@ -39,6 +45,40 @@ def resolve_device(requested: str) -> str:
     if requested not in {"cpu", "cuda"}:
         raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
     return requested
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among data-parallel processes: rank `rank` of `world_size` (1 = no DDP)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        """From the process group torchrun's worker joined, if any: `fit` needs no extra argument for DDP."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def take(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's strided share of a global batch (sizes differ by at most one image)."""
+        return batch[self.rank :: self.world_size] if self.distributed else batch
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over the ranks (a collective: every rank must call it)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +135,8 @@ def train(
     target = torch.device(device)
     use_amp = mixed_precision and target.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     model.to(target)
+    shard = Shard.current()
+    network = _data_parallel(model, target, shard)
     x, y = _to_device(split.train_images, target), _to_device(split.train_labels, target)
     steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.max_lr, weight_decay=config.weight_decay)
@@ -112,17 +154,23 @@ def train(
         for start in range(0, len(x), config.batch_size):
             batch = order[start : start + config.batch_size]
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
+                # the whole global batch is augmented on every rank: the generator stays in step across ranks
                 inputs = augment_batch(x[batch], config, generator, background)
-                loss = F.cross_entropy(model(inputs), y[batch], label_smoothing=config.label_smoothing)
+                loss, images = _shard_loss(network, shard.take(inputs), shard.take(y[batch]), len(batch), shard, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += loss.detach() * len(batch)
+            total_loss += loss.detach() * images
+        validate = shard.rank == 0  # rank 0's model is the one checkpointed; the others wait at the next step
         stats = EpochStats(
             epoch=epoch,
-            train_loss=total_loss.item() / len(x),
-            val_accuracy=accuracy(model, split.val_images, split.val_labels, device=device, mixed_precision=use_amp),
+            train_loss=shard.total(total_loss).item() / len(x),
+            val_accuracy=(
+                accuracy(model, split.val_images, split.val_labels, device=device, mixed_precision=use_amp)
+                if validate
+                else float("nan")
+            ),
             learning_rate=schedule.get_last_lr()[0],
             seconds=time.perf_counter() - started,
         )
@@ -130,6 +178,30 @@ def train(
         if on_epoch:
             on_epoch(stats)
     return history
+
+
+def _data_parallel(model: nn.Module, target: torch.device, shard: Shard) -> nn.Module:
+    """`model` itself, or wrapped in `DistributedDataParallel` (which averages gradients over the ranks)."""
+    if not shard.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device()] if target.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _shard_loss(
+    network: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, global_size: int, shard: Shard, config: TrainingConfig
+) -> tuple[torch.Tensor, int]:
+    """The loss to backpropagate, and the number of images it covers (for the epoch's mean loss).
+
+    Single process: the batch mean. DDP: this rank's summed loss scaled so that DDP's gradient average
+    over the ranks is exactly the mean over the global batch, even when the shares differ by one image.
+    """
+    if not shard.distributed:
+        return F.cross_entropy(network(inputs), labels, label_smoothing=config.label_smoothing), len(labels)
+    summed = F.cross_entropy(network(inputs), labels, label_smoothing=config.label_smoothing, reduction="sum")
+    return summed * shard.world_size / global_size, global_size / shard.world_size
 
 
 def augment_batch(images: torch.Tensor, config: TrainingConfig, generator: torch.Generator, background: float):

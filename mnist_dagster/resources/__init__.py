@@ -120,7 +120,26 @@ def resources_for(deployment: str, env: Mapping[str, str] = os.environ) -> dict[
     raise ValueError(f"unknown deployment {deployment!r}; expected one of {', '.join(DEPLOYMENTS)}")
 
 
-def executor_for(deployment: str) -> dg.ExecutorDefinition:
-    """dev: every step in the run's own process, so torch, MLflow and the data load once per run;
-    prod: a process per step, so a training step's GPU memory is released when it ends."""
+EXECUTORS = ("default", "k8s")
+
+
+def executor_name(env: Mapping[str, str] = os.environ) -> str:
+    """`MNIST_EXECUTOR`: `default` (unset) or `k8s`; anything else stops the load, naming the variable."""
+    name = env.get("MNIST_EXECUTOR", "").strip() or "default"
+    if name not in EXECUTORS:
+        raise ValueError(f"MNIST_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} (unset means default)")
+    return name
+
+
+def executor_for(deployment: str, env: Mapping[str, str] = os.environ) -> dg.ExecutorDefinition:
+    """`default`: dev runs every step in the run's own process, so torch, MLflow and the data load once per
+    run; prod and branch run a process per step, so a training step's GPU memory is released when it ends
+    (and the sweep's candidates train side by side, as many as the `training` pool allows).
+    `k8s` (`MNIST_EXECUTOR=k8s`): dagster-k8s's `k8s_job_executor`, a Kubernetes Job per step, shaped by
+    each op's `dagster-k8s/config` tag (`GPU_TRAINING_POD` for the trainings) and the executor's run config.
+    """
+    if executor_name(env) == "k8s":
+        from dagster_k8s import k8s_job_executor  # imported only when chosen: it brings the Kubernetes client
+
+        return k8s_job_executor
     return dg.in_process_executor if deployment == "dev" else dg.multiprocess_executor

@@ -22,6 +22,11 @@ sha256, the old rows stay in the earlier run's table).
   model_version, predicted_at.
 The ledger is written last: a run that dies after writing its tables leaves its inputs unrecorded,
 so the next run scores them again (at least once; input_id + content_sha256 identify a repeat).
+
+**Fan-out** for a large backlog (`batch_fanout_job`): `plan_shards` finds the same new inputs and splits
+them into shards balanced by bytes, `score_shard` scores one shard in its own step (tables
+`<run id>-<shard>.parquet`), `commit_shards` writes the ledger once after all of them. Same ledger, same
+tables, so the single-step run and the fan-out never score an input twice.
 """
 
 from __future__ import annotations
@@ -100,21 +105,38 @@ class BatchResult:
 
 def score_inbox(store: Store, predictor: Predictor, run_id: str, chunk: int = SCORE_CHUNK) -> BatchResult:
     """Score every new input in the inbox with `predictor`; write the tables, then the ledger."""
+    started = time.perf_counter()
+    now = _now()
+    ledger = Ledger.load(store)
+    objects = list_inbox(store)
+    new_inputs = find_new_inputs(store, objects, ledger)
+    result = score_inputs(store, predictor, new_inputs, ledger.done, run_id, now, chunk)
+    result.inbox_objects = len(objects)
+    ledger.save(store)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def list_inbox(store: Store) -> list[StoredObject]:
+    return [item for item in store.list(INBOX_PREFIX) if not item.key.endswith("/")]
+
+
+def score_inputs(
+    store: Store, predictor: Predictor, new_inputs: list[NewInput], done: dict[str, dict], run_id: str, now,
+    chunk: int = SCORE_CHUNK, part: str | None = None,
+) -> BatchResult:
+    """Score `new_inputs`, write their tables (file `<part or run_id>.parquet`), and record each outcome in
+    `done` ("key@sha256" -> outcome). The ledger itself is the caller's to save, after this returns."""
     import pandas as pd
 
     started = time.perf_counter()
-    now = pd.Timestamp(datetime.now(timezone.utc))
-    ledger = Ledger.load(store)
-    objects = [item for item in store.list(INBOX_PREFIX) if not item.key.endswith("/")]
-    new_inputs = find_new_inputs(store, objects, ledger)
-
     pixel_parts, ids, keys, shas, rejected = [], [], [], [], []
     for item in new_inputs:
         try:
             pixels, item_ids, item_rejected = read_input(item)
         except InputError as error:
             rejected.append((item.key, item.key, item.sha256, str(error)))
-            ledger.done[f"{item.key}@{item.sha256}"] = _outcome("rejected", run_id, now, reason=str(error))
+            done[f"{item.key}@{item.sha256}"] = _outcome("rejected", run_id, now, reason=str(error))
             continue
         rejected += [(item_ids[i], item.key, item.sha256, reason) for i, reason in sorted(item_rejected.items())]
         keep = np.setdiff1d(np.arange(len(pixels)), list(item_rejected), assume_unique=True)
@@ -122,9 +144,7 @@ def score_inbox(store: Store, predictor: Predictor, run_id: str, chunk: int = SC
         ids += [item_ids[i] for i in keep.tolist()]
         keys += [item.key] * len(keep)
         shas += [item.sha256] * len(keep)
-        ledger.done[f"{item.key}@{item.sha256}"] = _outcome(
-            "scored", run_id, now, images=len(keep), rejected=len(item_rejected)
-        )
+        done[f"{item.key}@{item.sha256}"] = _outcome("scored", run_id, now, images=len(keep), rejected=len(item_rejected))
 
     pixels = _stack(pixel_parts)
     probabilities = predict_in_chunks(predictor, pixels, chunk)
@@ -147,17 +167,80 @@ def score_inbox(store: Store, predictor: Predictor, run_id: str, chunk: int = SC
     rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS[:4]).assign(
         model_version=predictor.version, predicted_at=now
     )
-    result = BatchResult(predictions, rejected_frame, pixels, len(objects), len(new_inputs), 0.0)
-    partition = f"date={now.strftime('%Y-%m-%d')}/{run_id}.parquet"
+    result = BatchResult(predictions, rejected_frame, pixels, 0, len(new_inputs), 0.0)
+    partition = f"date={now.strftime('%Y-%m-%d')}/{part or run_id}.parquet"
     if len(predictions):
         result.predictions_key = f"{PREDICTIONS_PREFIX}/scored/{partition}"
         store.write_bytes(result.predictions_key, predictions.to_parquet(index=False))
     if len(rejected_frame):
         result.rejected_key = f"{PREDICTIONS_PREFIX}/rejected/{partition}"
         store.write_bytes(result.rejected_key, rejected_frame.to_parquet(index=False))
-    ledger.save(store)
     result.seconds = time.perf_counter() - started
     return result
+
+
+# ----- fan-out: plan once, score shards in parallel steps, commit the ledger once --------------------
+
+
+@dataclass(frozen=True)
+class InboxPlan:
+    """What is new in the inbox, split for parallel scoring. Only keys, sha256s and sizes: each shard reads
+    its own files. `seen` is the ledger's update for every object looked at (saved by `commit_shards`)."""
+
+    inbox_objects: int
+    shards: list[list[dict[str, str | int]]]  # per shard: {"key", "sha256", "size"}
+    seen: dict[str, dict[str, str]]
+
+
+def plan_shards(store: Store, shards: int) -> InboxPlan:
+    """The new inputs (exactly those `score_inbox` would score), in at most `shards` groups balanced by bytes
+    (largest first, each to the lightest group). Writes nothing."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    ledger = Ledger.load(store)
+    before = dict(ledger.seen)
+    objects = list_inbox(store)
+    new_inputs = find_new_inputs(store, objects, ledger)
+    groups: list[list[dict[str, str | int]]] = [[] for _ in range(min(shards, len(new_inputs)))]
+    loads = [0] * len(groups)
+    for item in sorted(new_inputs, key=lambda found: (-len(found.data), found.key)):
+        lightest = loads.index(min(loads))
+        groups[lightest].append({"key": item.key, "sha256": item.sha256, "size": len(item.data)})
+        loads[lightest] += len(item.data)
+    seen = {key: value for key, value in ledger.seen.items() if before.get(key) != value}
+    return InboxPlan(len(objects), groups, seen)
+
+
+def score_shard(
+    store: Store, predictor: Predictor, shard: list[dict], run_id: str, index: int, chunk: int = SCORE_CHUNK
+) -> tuple[BatchResult, dict[str, dict]]:
+    """Score one shard of a plan; its tables are `<run_id>-<index>.parquet`. Returns the result and the
+    ledger outcomes to commit. A file whose bytes changed since the plan is left to the next run."""
+    done: dict[str, dict] = {}
+    inputs = []
+    for entry in shard:
+        data = store.read_bytes(str(entry["key"]))
+        if hashlib.sha256(data).hexdigest() == entry["sha256"]:
+            inputs.append(NewInput(str(entry["key"]), str(entry["sha256"]), data))
+    result = score_inputs(store, predictor, inputs, done, run_id, _now(), chunk, part=f"{run_id}-{index}")
+    return result, done
+
+
+def commit_shards(store: Store, plan: InboxPlan, outcomes: list[dict[str, dict]]) -> Ledger:
+    """Write the ledger once, after every shard wrote its tables: what they scored is never scored again,
+    and a run that dies before this leaves its inputs to be scored again (at least once, as `score_inbox`)."""
+    ledger = Ledger.load(store)
+    ledger.seen.update(plan.seen)
+    for done in outcomes:
+        ledger.done.update(done)
+    ledger.save(store)
+    return ledger
+
+
+def _now():
+    import pandas as pd
+
+    return pd.Timestamp(datetime.now(timezone.utc))
 
 
 def find_new_inputs(store: Store, objects: list[StoredObject], ledger: Ledger) -> list[NewInput]:
