@@ -16,6 +16,9 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
     predictions/                       the nightly batch's Parquet tables (scored/, rejected/) and its ledger
     prediction_log/                    what the HTTP endpoint answered, as JSON lines
     feedback/                          true labels clients sent for earlier predictions, as JSON lines
+    monitoring/drift-reference/<v>.json   what model version v's traffic is compared with (ml/drift.py)
+    monitoring/prediction-drift-cursor.json   the traffic prediction_drift has already judged
+    monitoring/feedback-landed.json    the feedback labels already written to landing/ (feedback_to_landing)
 """
 
 ASSETS_PREFIX = "assets"
@@ -30,6 +33,9 @@ INBOX_PREFIX = "inbox"
 PREDICTIONS_PREFIX = "predictions"
 PREDICTION_LOG_PREFIX = "prediction_log"
 FEEDBACK_PREFIX = "feedback"
+MONITORING_PREFIX = "monitoring"
+DRIFT_CURSOR_KEY = f"{MONITORING_PREFIX}/prediction-drift-cursor.json"
+FEEDBACK_LANDED_KEY = f"{MONITORING_PREFIX}/feedback-landed.json"
 
 
 def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:
@@ -40,3 +46,8 @@ def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:
 def op_output_path(identifier: list[str]) -> str:
     """Where the IO manager keeps an op's output: `op_outputs/<run id>/<step>/<output>[/<mapping key>].pt`."""
     return f"{OP_OUTPUTS_PREFIX}/{'/'.join(identifier)}.pt"
+
+
+def drift_reference_key(version: str) -> str:
+    """Where model version `version`'s drift reference lives: written when it becomes production."""
+    return f"{MONITORING_PREFIX}/drift-reference/{version}.json"

@@ -42,6 +42,7 @@ PIPELINE_ASSETS = frozenset(
         "batch_digit_predictions",
         "digit_predictions",
         "ab_test_report",
+        "prediction_drift",
     }
 )
 

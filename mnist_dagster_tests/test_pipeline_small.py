@@ -5,8 +5,10 @@ import json
 import dagster as dg
 import mlflow
 import numpy as np
+import pytest
 
-from mnist_dagster.layout import PRODUCTION_ROOT
+from mnist_dagster.layout import PRODUCTION_ROOT, drift_reference_key
+from mnist_dagster.ml.drift import DriftReference
 from mnist_dagster.serving import bundle
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
@@ -33,12 +35,26 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     accuracy = evaluation["test_accuracy"].value
     assert 0.95 < accuracy <= 1.0
     assert "data:image/png;base64," in evaluation["confusion_matrix"].value
+    # The metrics beyond accuracy: in the UI with what they tested, and on the MLflow run.
+    assert 0.0 <= evaluation["expected_calibration_error"].value < 1.0
+    assert "data:image/png;base64," in evaluation["calibration_plot"].value
+    conditions = [record.data["condition"] for record in evaluation["robustness"].value.records]
+    assert conditions == ["clean", "gaussian_noise_sigma_0.3", "rotation_minus_15deg", "rotation_plus_15deg", "shift_3px"]
+    assert "seed 0" in evaluation["robustness_method"].value
+    confused = evaluation["confused_pairs"].value  # empty when the model makes no mistake on generated digits
+    assert [column.name for column in confused.schema.columns] == ["true", "predicted", "count", "share_of_errors"]
+    assert sum(record.data["count"] for record in confused.records) <= evaluation["misclassified"].value
+    assert bool(confused.records) == (evaluation["misclassified"].value > 0)
 
     deployed = result.asset_materializations_for_node("production_digit_classifier")[0].metadata
     assert deployed["deployed"].value is True
     version = deployed["model_version"].value
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
     assert bundle.current_version(store, PRODUCTION_ROOT) == version
+    reference = DriftReference.from_json(store.read_bytes(drift_reference_key(version)))  # what drift compares with
+    processed = result.asset_materializations_for_node("processed_mnist_data")[0].metadata
+    assert reference.train_count == processed["train_size"].value
+    assert sum(reference.class_proportions) == pytest.approx(1.0) and len(reference.confidence_sample) > 0
 
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == version
@@ -46,6 +62,10 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == accuracy
     assert {"train_loss", "val_accuracy"} <= set(run.data.metrics)
+    assert run.data.metrics["expected_calibration_error"] == evaluation["expected_calibration_error"].value
+    assert run.data.metrics["robust_accuracy_rotation_plus_15deg"] == evaluation["robust_accuracy_rotation_plus_15deg"].value
+    artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"calibration.png", "calibration.json", "robustness.json", "confused_pairs.json"} <= artifacts
 
     # The input contract travels with the model: what a user who never read this code loads and calls.
     model_version = client.get_model_version("mnist-digit-classifier", version)

@@ -101,6 +101,7 @@ def test_code_location_takes_the_timezone_from_the_environment():
     assert [line.split() for line in result.stdout.splitlines()] == [
         ["nightly_batch_predictions", "0", "2", "*", "*", "*", "America/New_York"],
         ["daily_ab_test_report", "0", "3", "*", "*", "*", "America/New_York"],
+        ["daily_prediction_drift", "30", "2", "*", "*", "*", "America/New_York"],
     ]
 
 
@@ -115,6 +116,7 @@ def test_everything_automatic_is_on_when_the_code_location_loads(dev_env):
     assert {schedule.name: schedule.default_status for schedule in defs.schedules} == {
         "nightly_batch_predictions": dg.DefaultScheduleStatus.RUNNING,
         "daily_ab_test_report": dg.DefaultScheduleStatus.RUNNING,
+        "daily_prediction_drift": dg.DefaultScheduleStatus.RUNNING,
     }
     assert {sensor.name: sensor.default_status for sensor in defs.sensors} == {
         "new_labelled_data_sensor": dg.DefaultSensorStatus.RUNNING,
@@ -122,6 +124,8 @@ def test_everything_automatic_is_on_when_the_code_location_loads(dev_env):
         "slack_on_run_failure": dg.DefaultSensorStatus.RUNNING,
         "slack_on_model_not_deployed": dg.DefaultSensorStatus.RUNNING,
         "slack_on_ab_test_decision": dg.DefaultSensorStatus.RUNNING,
+        "slack_on_prediction_drift": dg.DefaultSensorStatus.RUNNING,
+        "feedback_to_landing_sensor": dg.DefaultSensorStatus.RUNNING,
         "close_orphaned_mlflow_runs": dg.DefaultSensorStatus.RUNNING,
         "sweep_winner_sensor": dg.DefaultSensorStatus.RUNNING,
     }

@@ -4,7 +4,7 @@ Each training is one MLflow run: params, per-epoch metrics, curves, the model, t
 """
 
 
-from typing import Literal
+from typing import Literal, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -69,21 +69,32 @@ def digit_classifier(
     )
 
 
+class EvaluationConfig(dg.Config):
+    metrics: Optional[list[str]] = Field(  # noqa: UP045 (Dagster config reads Optional)
+        None,
+        description="Metrics beyond accuracy to run, by their function names in ml/evaluate.py; "
+        "unset: every default one (calibration, robustness, confused_pairs).",
+    )
+    seed: int = Field(0, description="Seeds the robustness perturbations: same seed, same table.")
+
+
 @dg.asset(
     group_name="model",
     kinds={"pytorch", "mlflow"},
-    code_version="1",
+    code_version="2",
     automation_condition=RETRAIN_ON_NEW_DATA,
 )
 def model_evaluation(
     context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
     digit_classifier: dict,
     processed_mnist_data: dict,
     compute: ComputeResource,
     mlflow: MlflowTracking,
     storage: StorageResource,
 ) -> dg.Output:
-    """The trained model on the 10k held-out test images: accuracy, per-class scores, confusion matrix, and
+    """The trained model on the 10k held-out test images: accuracy, per-class scores, confusion matrix, the
+    metrics beyond accuracy `config.metrics` names (calibration, robustness, the top confused pairs), and
     the same images through the production model, for the gate's paired comparison."""
     import mlflow as mlflow_lib
 
@@ -103,6 +114,11 @@ def model_evaluation(
         {"digit": digit, "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
+    scored = evaluate.Scored(
+        model, images, labels, result.probabilities, processed_mnist_data["mean"], processed_mnist_data["std"], device, config.seed
+    )
+    metrics = evaluate.run_metrics(scored, config.metrics)
+    reference = _drift_reference(processed_mnist_data, result.confidences)
     comparison = _compare_with_production(storage, digit_classifier["onnx"], processed_mnist_data)
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
@@ -112,6 +128,7 @@ def model_evaluation(
         )
         mlflow.log_png(confusion_png, "confusion_matrix.png")
         mlflow.log_png(mistakes_png, "misclassified.png")
+        _log_metrics_to_mlflow(mlflow, metrics)
     context.log.info(f"test accuracy {result.accuracy:.4f} on {len(labels)} images")
     return dg.Output(
         {
@@ -120,6 +137,7 @@ def model_evaluation(
             "per_class": per_class,
             "mlflow_run_id": run_id,
             "comparison": comparison,
+            "drift_reference": reference,
         },
         metadata={
             "test_accuracy": result.accuracy,
@@ -129,9 +147,45 @@ def model_evaluation(
             "per_class": table(per_class, ["digit", "precision", "recall", "f1"]),
             "confusion_matrix": png_markdown(confusion_png, "confusion matrix"),
             "misclassified_digits": png_markdown(mistakes_png, "misclassified digits (true->predicted)"),
+            **_metrics_metadata(metrics),
             "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
         },
     )
+
+
+def _drift_reference(processed: dict, test_confidences) -> bytes:
+    """What `prediction_drift` compares this model's traffic with (training images and labels, the model's
+    test confidences), as JSON: saved beside the model when it is deployed."""
+    from mnist_dagster.ml.drift import build_reference
+
+    pixels = (processed["train_images"] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
+    return build_reference(pixels.numpy(), processed["train_labels"].numpy(), test_confidences.numpy()).to_json()
+
+
+def _log_metrics_to_mlflow(mlflow: MlflowTracking, metrics: dict) -> None:
+    """Each metric's numbers as MLflow metrics, its table as `<name>.json` and its figure as `<name>.png`."""
+    import mlflow as mlflow_lib
+
+    for name, result in metrics.items():
+        mlflow_lib.log_metrics(result.scalars)
+        if result.table or result.columns:
+            mlflow_lib.log_dict({"summary": result.summary, "rows": result.table}, f"{name}.json")
+        if result.png:
+            mlflow.log_png(result.png, f"{name}.png")
+
+
+def _metrics_metadata(metrics: dict) -> dict:
+    """Each metric in the UI: its numbers, its table under its name, its figure, and what it tested."""
+    metadata: dict = {}
+    for name, result in metrics.items():
+        metadata.update({key: float(value) for key, value in result.scalars.items()})
+        if result.table or result.columns:
+            metadata[name] = table(result.table, list(result.columns or result.table[0]))
+        if result.png:
+            metadata[f"{name}_plot"] = png_markdown(result.png, name)
+        if result.summary:
+            metadata[f"{name}_method"] = dg.MetadataValue.text(result.summary)
+    return metadata
 
 
 def _compare_with_production(storage: StorageResource, candidate_onnx: bytes, processed: dict) -> dict | None:
@@ -208,6 +262,7 @@ def production_digit_classifier(
     candidate = bundle.make_bundle(
         version, digit_classifier["onnx"], test_accuracy=accuracy, mlflow_run_id=run_id, dagster_run_id=context.run_id
     )
+    _save_drift_reference(store, version, model_evaluation, context.log)
     decision, served, where = _deploy(store, candidate, previous, config, mlflow, context.run_id)
     reason = _passed(accuracy, comparison, config)
     context.log.info(f"Version {version} deployed as {decision}: {reason}")
@@ -225,6 +280,17 @@ def production_digit_classifier(
         },
         data_version=dg.DataVersion(served),
     )
+
+
+def _save_drift_reference(store, version: str, evaluation: dict, log) -> None:
+    """The version's drift reference, written before it serves (as production or challenger), so that
+    `prediction_drift` always finds one for the model that answered."""
+    from mnist_dagster.layout import drift_reference_key
+
+    if "drift_reference" not in evaluation:  # an evaluation stored before drift monitoring existed
+        log.warning(f"model_evaluation has no drift reference: prediction_drift will skip version {version}")
+        return
+    store.write_bytes(drift_reference_key(version), evaluation["drift_reference"])
 
 
 def _deploy(store, candidate, previous: str | None, config: DeploymentConfig, mlflow: MlflowTracking, run_id: str):

@@ -1,6 +1,7 @@
 """Sensors, all running as soon as the code location loads: new labelled data, declarative automation,
-Slack alerts for failed runs, for models the deployment gate kept out, for rollbacks and for the A/B
-report's decisions, and the clean-up of MLflow runs a killed step left RUNNING.
+Slack alerts for failed runs, for models the deployment gate kept out, for rollbacks, for the A/B
+report's decisions and for prediction drift, labelled feedback into landing/, and the clean-up of MLflow
+runs a killed step left RUNNING.
 
 Each sensor keeps its own cursor. The Slack sensors move theirs past an event only once its message
 was posted, so a Slack outage delays alerts instead of losing them (dagster's `run_failure_sensor`
@@ -10,8 +11,9 @@ clean-up moves its cursor past a run only once that run's MLflow runs are closed
 
 import hashlib
 import json
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import dagster as dg
@@ -405,6 +407,90 @@ def slack_on_ab_test_decision(context: dg.SensorEvaluationContext, slack: SlackA
     return _alerting_tick(context, slack, latest, alerts_after)
 
 
+PREDICTION_DRIFT = dg.AssetKey("prediction_drift")
+
+
+def _drift_text(metadata: dict, run_id: str, run_url: str) -> str | None:
+    """A run of prediction_drift that detected drift is news, once: which statistics moved, from what to
+    what, against which threshold. A run without drift (or with too little traffic) says nothing."""
+    if metadata.get("drift_detected") is not True:
+        return None
+    icon = ":rotating_light:" if metadata.get("severity") == "severe" else ":warning:"
+    lines = [
+        (
+            f"{icon} *Prediction drift ({metadata.get('severity')})* on production model version "
+            f"{metadata.get('model_version')}: {metadata.get('traffic')} predictions since the last check moved."
+        )
+    ]
+    for row in metadata.get("moved") or []:
+        limit = row["severe"] if row["severity"] == "severe" else row["moderate"]
+        lines.append(
+            f"• `{row['statistic']}` {_escape(str(row['reference']))} → {_escape(str(row['current']))} "
+            f"({_escape(row['test'])}: {row['value']} ≥ {limit}, p={row['p_value']})"
+        )
+    if run_id:
+        lines.append(f"<{run_url}|Open run {run_id[:8]} in Dagster>")
+    return "\n".join(lines)
+
+
+@dg.sensor(
+    name="slack_on_prediction_drift",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Posts to Slack, once per detection, when prediction_drift finds the production model's "
+    "traffic has drifted: which statistics moved, from what to what.",
+)
+def slack_on_prediction_drift(context: dg.SensorEvaluationContext, slack: SlackAlerts) -> dg.SensorResult:
+    def text(_instance: dg.DagsterInstance, record: dg.EventLogRecord, run_url: str) -> str | None:
+        return _drift_text(_metadata(record), record.run_id, run_url)
+
+    latest, alerts_after = _materialization_alerts(context.instance, PREDICTION_DRIFT, slack, text)
+    return _alerting_tick(context, slack, latest, alerts_after)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled feedback -> a batch in landing/
+# ---------------------------------------------------------------------------------------------
+
+MIN_FEEDBACK_ENV = "MNIST_MIN_FEEDBACK"
+DEFAULT_MIN_FEEDBACK = 100
+
+
+def min_feedback(env: Mapping[str, str] = os.environ) -> int:
+    """`MNIST_MIN_FEEDBACK`, default 100: how many new labels make a batch worth landing."""
+    value = env.get(MIN_FEEDBACK_ENV, "").strip()
+    if value and not (value.isdigit() and int(value) > 0):
+        raise ValueError(f"{MIN_FEEDBACK_ENV}={value!r}: expected a positive whole number of labels")
+    return int(value) if value else DEFAULT_MIN_FEEDBACK
+
+
+@dg.sensor(
+    name="feedback_to_landing_sensor",
+    job_name="feedback_to_landing_job",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=300,
+    description=f"Counts the labelled feedback not landed yet (one per prediction, the latest label); at "
+    f"{MIN_FEEDBACK_ENV} (default {DEFAULT_MIN_FEEDBACK}) launches feedback_to_landing_job, which writes them "
+    f"as a batch in {LANDING_PREFIX}/ for the new-data sensor to retrain on.",
+)
+def feedback_to_landing_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+    """Reads only; the job writes (a logged run, with what it landed). The run key names the set of labels,
+    so a tick repeated before the job finished asks for nothing new."""
+    from mnist_dagster.serving.feedback import count_pending
+
+    needed = min_feedback()
+    pending = count_pending(storage.open())
+    if len(pending) < needed:
+        return dg.SensorResult(skip_reason=f"{len(pending)} new label(s), fewer than {MIN_FEEDBACK_ENV}={needed}")
+    digest = hashlib.sha256("\n".join(f"{pid}={label}" for pid, label in sorted(pending.items())).encode())
+    request = dg.RunRequest(
+        run_key=f"feedback:{digest.hexdigest()[:16]}",
+        run_config={"ops": {"land_feedback": {"config": {"min_feedback": needed}}}},
+        tags={"mnist/feedback_pending": str(len(pending))},
+    )
+    return dg.SensorResult(run_requests=[request])
+
+
 # ---------------------------------------------------------------------------------------------
 # MLflow runs left RUNNING by a killed step
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +623,8 @@ SENSORS = [
     slack_on_run_failure,
     slack_on_model_not_deployed,
     slack_on_ab_test_decision,
+    slack_on_prediction_drift,
+    feedback_to_landing_sensor,
     close_orphaned_mlflow_runs,
     sweep_winner_sensor,
 ]

@@ -21,16 +21,18 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from mnist_dagster.layout import PREDICTION_LOG_PREFIX
 from mnist_dagster.serving.jsonl import JsonLinesLog, LogRecord, iso_utc, read_json_lines
-from mnist_dagster.storage import Store
+from mnist_dagster.storage import Store, StoredObject
 
 MAX_PENDING_PREDICTIONS = 200_000
 IMAGE_SHAPE = (28, 28)
+STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # how `JsonLinesLog` names its objects: 22 characters, sorting by time
 
 
 @dataclass(slots=True)
@@ -95,6 +97,35 @@ class PredictionLog(JsonLinesLog):
         return [
             json.dumps({"time": iso_utc(record.time), **record.line(image)}) for record, image in zip(records, images)
         ]
+
+
+def object_stamp(key: str) -> str:
+    """A log object's name without its folder: `<UTC time written>-<host>-<pid>-<sequence>.jsonl`. Names
+    sort by when they were written, whichever day's folder they went to (lines that waited for an
+    unreachable store go to their own day's folder, later), so the greatest name read is a cursor."""
+    return key.rsplit("/", 1)[-1]
+
+
+def log_objects_after(
+    store: Store, after: str, settled_before: datetime, prefix: str = PREDICTION_LOG_PREFIX
+) -> list[StoredObject]:
+    """The log objects written after the object named `after` (`object_stamp`; "" for all) and before
+    `settled_before`: an object named a moment ago may have a sibling from another replica still on its way,
+    so a reader keeps a margin rather than move its cursor past a name not yet listed."""
+    limit = settled_before.astimezone(timezone.utc).strftime(STAMP_FORMAT)
+    objects = [
+        item for item in store.list(prefix)
+        if item.key.endswith(".jsonl") and after < object_stamp(item.key) and object_stamp(item.key)[:22] <= limit
+    ]  # fmt: skip
+    return sorted(objects, key=lambda item: object_stamp(item.key))
+
+
+def decode_images(values: list[str]) -> np.ndarray:
+    """Many lines' `image` -> float32 (N, 28, 28) in [0, 1], the model's input, in one numpy pass."""
+    if not values:
+        return np.zeros((0, *IMAGE_SHAPE), np.float32)
+    grey = np.frombuffer(b"".join(base64.b64decode(value) for value in values), dtype=np.uint8)
+    return grey.reshape(-1, *IMAGE_SHAPE).astype(np.float32) / 255
 
 
 def read_prediction_log(store: Store, prefix: str = PREDICTION_LOG_PREFIX) -> list[dict]:
