@@ -1,6 +1,10 @@
 """Model zoo benchmark: every named candidate trained on real MNIST on this machine, side by side, in one run.
 
     python benchmarks/model_zoo_benchmark.py [--mnist DIR] [--candidates a,b] [--augmentations a,b] [--skip-endpoint]
+                                             [--epochs N]
+
+`--epochs N` trains every candidate N epochs instead of its own (e.g. 1, to time an epoch on an idle machine
+when the whole run cannot be had quiet: every epoch costs the same, fixed-size batches over the same data).
 
 For each candidate (`ml.config.CANDIDATES`): `ml.train.fit` on the asset's split (55k train / 5k
 validation, seed 0), then test accuracy on the 10k test set, training seconds, parameters, and the
@@ -110,11 +114,13 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--augmentations", default="none,shift,affine,elastic", help="'' to skip the second table")
     parser.add_argument("--skip-endpoint", action="store_true")
+    parser.add_argument("--epochs", type=int, default=None, help="override every candidate's epochs (timing runs)")
     args = parser.parse_args()
     split = real_split(args.mnist)
     raw_test = (split.test_images * split.std + split.mean).clamp(0, 1).mul(255).round().to(torch.uint8)[:, 0].numpy()
     started = time.perf_counter()
-    rows = [measure(name, CANDIDATES[name], split, raw_test, not args.skip_endpoint) for name in args.candidates.split(",")]
+    configs = {name: replace(CANDIDATES[name], epochs=args.epochs or CANDIDATES[name].epochs) for name in args.candidates.split(",")}
+    rows = [measure(name, config, split, raw_test, not args.skip_endpoint) for name, config in configs.items()]
     accurate = CANDIDATES["cnn-accurate"]
     policies = []
     for policy in filter(None, args.augmentations.split(",")):
