@@ -27,6 +27,7 @@ from typing import Literal
 from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX, PRODUCTION_ROOT
 from mnist_dagster.serving import bundle as bundles
 from mnist_dagster.serving import deploy
+from mnist_dagster.serving.feedback import latest_labels
 from mnist_dagster.serving.jsonl import read_json_lines
 from mnist_dagster.storage import Store
 
@@ -68,13 +69,6 @@ def read_trial_logs(store: Store, trial: Trial, today: date | None = None) -> tu
         return [line for day in days for line in read_json_lines(store, f"{prefix}/date={day.isoformat()}")]
 
     return lines(PREDICTION_LOG_PREFIX), lines(FEEDBACK_PREFIX)
-
-
-def latest_labels(feedback: Iterable[dict]) -> dict[str, int]:
-    """prediction_id -> the label sent last for it: a client may correct itself, and a label sent twice
-    counts once. Ordered by each line's time; lines of the same time keep the log's order."""
-    ordered = sorted(feedback, key=lambda line: datetime.fromisoformat(line["time"]))
-    return {line["prediction_id"]: int(line["label"]) for line in ordered}
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
@@ -118,14 +119,11 @@ def parse_feedback(body: bytes, content_type: str | None) -> tuple[str, int]:
 FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"
 
 
-def latest_labels(lines: list[dict]) -> dict[str, int]:
-    """prediction id -> its label, the latest line winning (by time; a tie goes to the line read later)."""
-    latest: dict[str, tuple[str, int]] = {}
-    for line in lines:
-        known = latest.get(line["prediction_id"])
-        if known is None or line["time"] >= known[0]:
-            latest[line["prediction_id"]] = (line["time"], int(line["label"]))
-    return {prediction_id: label for prediction_id, (_, label) in latest.items()}
+def latest_labels(feedback: Iterable[dict]) -> dict[str, int]:
+    """prediction_id -> the label sent last for it: a client may correct itself, and a label sent twice
+    counts once. Ordered by each line's time; lines of the same time keep the log's order."""
+    ordered = sorted(feedback, key=lambda line: datetime.fromisoformat(line["time"]))
+    return {line["prediction_id"]: int(line["label"]) for line in ordered}
 
 
 @dataclass
