@@ -8,7 +8,7 @@ import dagster as dg
 from mnist_dagster.assets import data_assets, experiment_assets, model_assets, monitoring_assets, prediction_assets
 from mnist_dagster.jobs.ml_jobs import JOBS, schedules_for
 from mnist_dagster.resources import deployment_name, executor_for, resources_for
-from mnist_dagster.sensors.ml_sensors import SENSORS
+from mnist_dagster.sensors import SENSORS
 
 ASSET_MODULES = [data_assets, model_assets, prediction_assets, experiment_assets, monitoring_assets]
 

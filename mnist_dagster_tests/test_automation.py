@@ -17,7 +17,7 @@ from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA
 from mnist_dagster.layout import LANDING_PREFIX
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.resources import prod_resources
-from mnist_dagster.sensors.ml_sensors import new_labelled_data_sensor
+from mnist_dagster.sensors.data_arrival import new_labelled_data_sensor
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.s3_server import s3_client
 from mnist_dagster_tests.support import generated_digits, pipeline_assets_and_checks

@@ -14,12 +14,8 @@ from mnist_dagster.assets.data_assets import raw_mnist_data
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.layout import FEEDBACK_LANDED_KEY, LANDING_PREFIX
 from mnist_dagster.ml.data import read_labelled_batch
-from mnist_dagster.sensors.ml_sensors import (
-    MIN_FEEDBACK_ENV,
-    feedback_to_landing_sensor,
-    min_feedback,
-    new_labelled_data_sensor,
-)
+from mnist_dagster.sensors.data_arrival import new_labelled_data_sensor
+from mnist_dagster.sensors.feedback import MIN_FEEDBACK_ENV, feedback_to_landing_sensor, min_feedback
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, land_feedback, latest_labels
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster_tests.support import generated_digits

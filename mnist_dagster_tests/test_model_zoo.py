@@ -193,7 +193,7 @@ def test_sweep_of_two_candidates_reports_the_leaderboard_and_hands_the_winner_to
     assert {child.data.tags["candidate"] for child in children} == {"cnn-fast", "resnet"}
     assert all("test_accuracy" in child.data.metrics for child in children)
 
-    from mnist_dagster.sensors.ml_sensors import sweep_winner_sensor
+    from mnist_dagster.sensors.sweep import sweep_winner_sensor
 
     tick = sweep_winner_sensor(dg.build_sensor_context(instance=instance))
     (request,) = tick.run_requests

@@ -24,7 +24,7 @@ import dagster as dg
 import pytest
 
 from mnist_dagster.resources.mlflow import MlflowTracking
-from mnist_dagster.sensors.ml_sensors import KILLED_RUNS_TAG, close_orphaned_mlflow_runs
+from mnist_dagster.sensors.orphaned_runs import KILLED_RUNS_TAG, close_orphaned_mlflow_runs
 from mnist_dagster_tests.dagster_dev import (
     TERMINAL_RUN_STATUSES,
     DagsterDev,
