@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect
 from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.serving import openapi, page, routing, service
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
+from mnist_dagster.serving.guards import FeedbackGuards
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.serving.preprocess import InputError
 from mnist_dagster.serving.routing import Assignment, Router, RoutingWatcher
@@ -112,6 +113,7 @@ class DigitService:
         logs: Logs | None = None,
         challenger_root: str = CHALLENGER_ROOT,
         routing_key: str = ROUTING_KEY,
+        guards: FeedbackGuards | None = None,
     ) -> None:
         self.watcher = ModelWatcher(store, root, poll_seconds)
         # One ONNX thread for the challenger: its shadow batches then run on the shadow scorer's own (lowered
@@ -123,7 +125,8 @@ class DigitService:
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
         self.shadow = ShadowScorer(self.logs.predictions) if self.logs.predictions else None
         self.issued = IssuedPredictions()
-        self.static = page.load_static()
+        self.guards = guards or FeedbackGuards()  # none configured: anyone may post, no rate limit
+        self.static = self.guards.page_files(page.load_static())
 
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
@@ -206,6 +209,7 @@ class DigitService:
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
         Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
+        client = self.guards.admit(request)  # 401 without the token, 429 past the rate limit (serving/guards.py)
         body = await read_body(request.receive, request.headers.get("content-length"))
         prediction_id, label = parse_feedback(body, request.headers.get("content-type"))
         issued = self.issued.get(prediction_id)
@@ -214,7 +218,7 @@ class DigitService:
                 f"unknown prediction_id {prediction_id[:64]!r}: not issued by this server (or long ago)", 404
             )
         if self.logs.feedback is not None:
-            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued))
+            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued, client))
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
         return Response(json.dumps(answer), status_code=202, media_type=JSON)
 
@@ -267,10 +271,11 @@ def create_app(
     feedback_log: FeedbackLog | None = None,
     challenger_root: str = CHALLENGER_ROOT,
     routing_key: str = ROUTING_KEY,
+    guards: FeedbackGuards | None = None,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
     logs = Logs(prediction_log, feedback_log)
-    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key)
+    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key, guards)
     app = FastAPI(
         title=openapi.TITLE,
         summary=openapi.SUMMARY,
