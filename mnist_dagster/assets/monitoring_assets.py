@@ -242,7 +242,9 @@ VERDICT_COLUMNS = ["client", "labels", "share", "disagreement", "others", "p_val
 
 
 class FeedbackLandingConfig(dg.Config):
-    """When labels land, and when a client's labels are quarantined instead (`lifecycle.landing.GuardRules`)."""
+    """When labels land, and when a client's labels are quarantined instead. The defaults are
+    `lifecycle.landing.GuardRules`'s (a test holds them equal; that module is not imported at load: it loads
+    scipy and the endpoint's modules)."""
 
     min_feedback: int = 100  # new labels needed before a batch is written (the sensor passes MNIST_MIN_FEEDBACK)
     max_age_days: int = 30  # how far before the earliest new feedback the prediction log is searched for images
@@ -256,9 +258,8 @@ class FeedbackLandingConfig(dg.Config):
     def rules(self):
         from mnist_dagster.lifecycle.landing import GuardRules
 
-        return GuardRules(
-            self.max_share, self.min_clients_for_share, self.alpha, self.min_excess, self.min_labels, self.min_peer_labels
-        )
+        names = ("max_share", "min_clients_for_share", "alpha", "min_excess", "min_labels", "min_peer_labels")
+        return GuardRules(**{name: getattr(self, name) for name in names})
 
 
 @dg.op(

@@ -115,7 +115,8 @@ class ClientVerdict:
         return {
             "client": self.client, "labels": self.labels, "share": round(self.share, 4),
             "disagreement": round(self.rate, 4), "others": None if peer_rate is None else round(peer_rate, 4),
-            "p_value": None if self.p_value is None else float(f"{self.p_value:.3g}"), "verdict": self.reason or "lands",
+            "p_value": None if self.p_value is None else float(f"{self.p_value:.3g}"),
+            "verdict": self.reason or "lands",
         }  # fmt: skip
 
 
@@ -264,7 +265,8 @@ class LandingResult:
     def summary(self) -> str:
         if self.selection is None:
             return f"{self.pending} new label(s), fewer than min_feedback: nothing landed"
-        text = f"landed {self.landed} labelled image(s) as {self.key} ({self.unmatched} without a logged image)"
+        batch = self.key or "no batch"
+        text = f"landed {self.landed} labelled image(s) as {batch} ({self.unmatched} without a logged image)"
         if self.quarantined:
             who = ", ".join(f"{v.client} ({v.labels}, {v.reason})" for v in self.selection.quarantined_clients())
             text += f"; quarantined {self.quarantined} label(s) from {who} as {self.quarantine_key}"

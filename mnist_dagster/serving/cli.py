@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--feedback-rate-per-minute", type=float, default=None,
-        help="POST /feedback per client and minute, on average (default MNIST_FEEDBACK_RATE_PER_MINUTE; 0/unset: no limit)",
+        help="POST /feedback per client and minute, on average "
+        "(default MNIST_FEEDBACK_RATE_PER_MINUTE; 0 or unset: no limit)",
     )  # fmt: skip
     serve.add_argument(
         "--feedback-burst", type=int, default=None,
