@@ -465,9 +465,10 @@ def _quarantine_text(metadata: dict, run_id: str, run_url: str) -> str | None:
         if row["verdict"] == "share":
             why = f"{_percent(row['share'])} of the batch"
         else:
+            p_value = f"p={row['p_value']}" if row["p_value"] else "p < 1e-300"  # 0.0: below a float's range
             why = (
                 f"disagrees with the model on {_percent(row['disagreement'])} of its labels, the others on "
-                f"{_percent(row['others'])} (p={row['p_value']})"
+                f"{_percent(row['others'])} ({p_value})"
             )
         client = _escape(str(row["client"])).replace("`", "'")
         lines.append(f"• `{client}`: {row['labels']} label(s), {why}")
