@@ -295,3 +295,38 @@ def test_a_client_that_cannot_be_compared_yet_is_held_and_small_clients_land_unt
 
 def test_the_ops_config_defaults_are_the_rules_defaults():
     assert FeedbackLandingConfig().rules() == GuardRules()
+
+
+@pytest.mark.slow  # drives a browser, as test_page_e2e.py does
+def test_the_page_hides_feedback_without_the_token_and_sends_it_where_allowed(store_dir, monkeypatch):
+    # Here, not at the top: the browser is optional, and test_page_e2e.py imports playwright itself.
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from mnist_dagster_tests.test_page_e2e import CHROMIUM, CHROMIUM_FLAGS, draw_a_seven
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM_PATH)")
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 900, "height": 900})
+        page.set_default_timeout(30_000)
+        with running_server(store_dir) as url:  # the token is withheld from the page
+            page.goto(url)
+            draw_a_seven(page)
+            sync_api.expect(page.locator("#result")).to_be_visible()
+            sync_api.expect(page.locator("#feedback-title")).to_contain_text("Feedback needs a token")
+            sync_api.expect(page.get_by_role("button", name="It was 7")).to_be_hidden()
+        with running_server(store_dir, "--log-flush-seconds", "0.2", "--page-sends-feedback-token") as url:
+            page.goto(url)
+            draw_a_seven(page)
+            sync_api.expect(page.locator("#result")).to_be_visible()  # answered: the id is the new one
+            prediction_id = page.locator("#result").get_attribute("data-prediction-id")
+            page.get_by_role("button", name="It was 7").click()
+            sync_api.expect(page.locator("#status")).to_contain_text("recorded 7")
+            key = page.evaluate("localStorage.getItem('mnist-client-key')")
+            lines = wait_for(
+                lambda: [x for x in read_feedback(LocalStore(store_dir)) if x["prediction_id"] == prediction_id],
+                message="the page's feedback line",
+            )
+        browser.close()
+    assert [(x["label"], x["client"]) for x in lines] == [(7, f"key:{key}")]  # the browser's own key
