@@ -239,6 +239,7 @@ def _moved_text(statistic) -> str:
 
 FEEDBACK_QUARANTINE = dg.AssetKey("feedback_quarantine")  # what the op reports when it holds labels back
 VERDICT_COLUMNS = ["client", "labels", "share", "disagreement", "others", "p_value", "verdict"]
+CLIENTS_SHOWN = 100  # the largest clients of a batch in the op's table (the page makes one client per browser)
 
 
 class FeedbackLandingConfig(dg.Config):
@@ -292,7 +293,8 @@ def land_feedback(context: dg.OpExecutionContext, config: FeedbackLandingConfig,
         "rules": dg.MetadataValue.json(landing.rules_metadata(rules, selection)),
     }
     if selection is not None:
-        guard["clients"] = table(landing.verdict_rows(selection), VERDICT_COLUMNS)
+        guard["clients"] = table(landing.verdict_rows(selection)[:CLIENTS_SHOWN], VERDICT_COLUMNS)
+        guard["client_count"] = len(selection.verdicts)
     if result.quarantined:
         context.log.warning(result.summary())
         yield dg.AssetMaterialization(

@@ -218,7 +218,7 @@ class DigitService:
                 f"unknown prediction_id {prediction_id[:64]!r}: not issued by this server (or long ago)", 404
             )
         if self.logs.feedback is not None:
-            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued, client))
+            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued, client=client))
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
         return Response(json.dumps(answer), status_code=202, media_type=JSON)
 
