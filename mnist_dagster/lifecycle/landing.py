@@ -51,7 +51,7 @@ from mnist_dagster.storage import Store
 FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"
 QUARANTINE_BATCH_PREFIX = f"{QUARANTINE_PREFIX}/feedback-"
 UNKNOWN_CLIENT = "unknown"  # feedback lines written before clients were recorded
-SHARE, DISAGREEMENT = "share", "disagreement"
+SHARE, DISAGREEMENT, HELD = "share", "disagreement", "held"
 TEST_NAME = "one-sided Fisher exact test (scipy.stats.fisher_exact, alternative='greater')"
 
 # ----- the selection (no store) ----------------------------------------------------------------------
@@ -151,7 +151,7 @@ def select(labels: list[Label], rules: GuardRules = GuardRules()) -> Selection:
     selection = Selection(verdicts=sorted(verdicts.values(), key=lambda v: -v.labels), level=level)
     for client, own in by_client.items():
         reason = verdicts[client].reason
-        bucket = selection.land if reason is None else selection.held if reason == "held" else selection.quarantine
+        bucket = selection.land if reason is None else selection.held if reason == HELD else selection.quarantine
         bucket.extend(own)
     return selection
 
@@ -174,7 +174,7 @@ def _quarantine_disagreeing(
         worst.reason = DISAGREEMENT
     for verdict in tested:
         if verdict.reason is None and verdict.peer_labels < rules.min_peer_labels:
-            verdict.reason = "held"
+            verdict.reason = HELD
 
 
 def _test_against_peers(verdict: ClientVerdict, everyone: list[ClientVerdict], rules: GuardRules) -> None:
