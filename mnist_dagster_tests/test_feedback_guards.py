@@ -14,10 +14,10 @@ import pytest
 
 from mnist_dagster.assets.monitoring_assets import FeedbackLandingConfig
 from mnist_dagster.definitions import build_defs
-from mnist_dagster.layout import LANDING_PREFIX, QUARANTINE_PREFIX, SERVING_ROOT
+from mnist_dagster.layout import LANDING_PREFIX, QUARANTINE_PREFIX
+from mnist_dagster.lifecycle import deploy
 from mnist_dagster.lifecycle.landing import GuardRules, Label, land_feedback, select
 from mnist_dagster.sensors.ml_sensors import slack_on_feedback_quarantine
-from mnist_dagster.serving import bundle
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, read_feedback
 from mnist_dagster.serving.guards import PAGE_SENDS_TOKEN_ENV, TOKEN_ENV, GuardSettings, RateLimiter
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
@@ -30,7 +30,7 @@ TOKEN = "test-feedback-token-" + "x" * 24
 
 @pytest.fixture
 def store_dir(tmp_path) -> Path:
-    bundle.publish(LocalStore(tmp_path / "store"), SERVING_ROOT, generated_model("1"))
+    deploy.make_production(LocalStore(tmp_path / "store"), generated_model("1"), "test")
     return tmp_path / "store"
 
 
@@ -165,7 +165,7 @@ def test_a_client_labelling_2000_sevens_as_ones_is_quarantined_and_honest_labels
 ):
     store_dir = Path(dev_env["MNIST_DATA_DIR"])
     store = dev_test_resources["storage"].open()
-    bundle.publish(store, SERVING_ROOT, generated_model("1"))
+    deploy.make_production(store, generated_model("1"), "test")
     images, labels = generated_digits(20_000, seed=77)
     sevens = images[labels == 7][:2000]
     honest: dict[str, int] = {}  # prediction id -> the label sent: the true digit, but people err (3% here)
