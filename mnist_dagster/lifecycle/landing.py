@@ -43,13 +43,16 @@ from datetime import date, datetime, timedelta, timezone
 import numpy as np
 from scipy.stats import fisher_exact
 
-from mnist_dagster.layout import FEEDBACK_LANDED_KEY, LANDING_PREFIX, PREDICTION_LOG_PREFIX, QUARANTINE_PREFIX
+from mnist_dagster.layout import (
+    FEEDBACK_BATCH_PREFIX,
+    FEEDBACK_LANDED_KEY,
+    PREDICTION_LOG_PREFIX,
+    QUARANTINE_BATCH_PREFIX,
+)
 from mnist_dagster.serving.feedback import latest_lines, read_feedback
 from mnist_dagster.serving.prediction_log import logged_image
 from mnist_dagster.storage import Store
 
-FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"
-QUARANTINE_BATCH_PREFIX = f"{QUARANTINE_PREFIX}/feedback-"
 UNKNOWN_CLIENT = "unknown"  # feedback lines written before clients were recorded
 SHARE, DISAGREEMENT, HELD = "share", "disagreement", "held"
 TEST_NAME = "one-sided Fisher exact test (scipy.stats.fisher_exact, alternative='greater')"
