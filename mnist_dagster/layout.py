@@ -17,7 +17,8 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
     feedback/                          true labels clients sent for earlier predictions, as JSON lines
     monitoring/drift-reference/<v>.json   what model version v's traffic is compared with (ml/drift.py)
     monitoring/prediction-drift-cursor.json   the traffic prediction_drift has already judged
-    monitoring/feedback-landed.json    the feedback labels already written to landing/ (feedback_to_landing)
+    monitoring/feedback-landed.json    the feedback labels already written to landing/ or quarantine/ (feedback_to_landing)
+    quarantine/feedback-*.npz          feedback labels held back from landing/ as likely poisoning (lifecycle/landing.py)
 """
 
 ASSETS_PREFIX = "assets"
@@ -37,6 +38,8 @@ INBOX_LEDGER_KEY = f"{PREDICTIONS_PREFIX}/ledger.json"  # every inbox file alrea
 FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"  # labelled batches made from client feedback
 DRIFT_CURSOR_KEY = f"{MONITORING_PREFIX}/prediction-drift-cursor.json"
 FEEDBACK_LANDED_KEY = f"{MONITORING_PREFIX}/feedback-landed.json"
+QUARANTINE_PREFIX = "quarantine"
+QUARANTINE_BATCH_PREFIX = f"{QUARANTINE_PREFIX}/feedback-"  # feedback labels held back as likely poisoning
 
 
 def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:

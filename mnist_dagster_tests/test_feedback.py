@@ -53,9 +53,10 @@ def test_feedback_is_recorded_with_the_arm_and_version_and_bad_feedback_is_refus
         assert accepted.status_code == 202
         assert accepted.json() == {"prediction_id": prediction_id, "label": 7, "recorded": True}
         lines = wait_for(lambda: read_feedback(store), message="the feedback line")
-        assert len(lines) == 1 and set(lines[0]) == FEEDBACK_KEYS
+        assert len(lines) == 1 and set(lines[0]) == FEEDBACK_KEYS | {"client"}
         assert {k: v for k, v in lines[0].items() if k != "time"} == {
             "prediction_id": prediction_id, "label": 7, "arm": "production", "model_version": "1",
+            "client": "addr:127.0.0.1",
         }  # fmt: skip
         assert lines[0]["time"].endswith("+00:00")
 

@@ -16,7 +16,8 @@ from mnist_dagster.layout import FEEDBACK_LANDED_KEY, LANDING_PREFIX
 from mnist_dagster.ml.data import read_labelled_batch
 from mnist_dagster.sensors.data_arrival import new_labelled_data_sensor
 from mnist_dagster.sensors.feedback import MIN_FEEDBACK_ENV, feedback_to_landing_sensor, min_feedback
-from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, land_feedback, latest_labels
+from mnist_dagster.lifecycle.landing import land_feedback
+from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, latest_labels
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster_tests.support import generated_digits
 
@@ -39,9 +40,11 @@ def log_predictions(store, count: int, seed: int) -> tuple[list[str], np.ndarray
 
 
 def send_feedback(store, labels: dict[str, int], at: float | None = None) -> None:
+    """The labels as five clients send them (fewer than 30 each: too few for the poisoning test to judge)."""
     log = FeedbackLog(store)
-    for prediction_id, label in labels.items():
-        log.record(FeedbackRecord(at or time.time(), prediction_id, int(label), "production", "1"))
+    for index, (prediction_id, label) in enumerate(labels.items()):
+        client = f"key:client-{index % 5}"
+        log.record(FeedbackRecord(at or time.time(), prediction_id, int(label), "production", "1", client))
     log.flush()
 
 

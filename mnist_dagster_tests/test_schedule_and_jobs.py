@@ -125,6 +125,7 @@ def test_everything_automatic_is_on_when_the_code_location_loads(dev_env):
         "slack_on_model_not_deployed": dg.DefaultSensorStatus.RUNNING,
         "slack_on_ab_test_decision": dg.DefaultSensorStatus.RUNNING,
         "slack_on_prediction_drift": dg.DefaultSensorStatus.RUNNING,
+        "slack_on_feedback_quarantine": dg.DefaultSensorStatus.RUNNING,
         "feedback_to_landing_sensor": dg.DefaultSensorStatus.RUNNING,
         "close_orphaned_mlflow_runs": dg.DefaultSensorStatus.RUNNING,
         "sweep_winner_sensor": dg.DefaultSensorStatus.RUNNING,

@@ -235,26 +235,70 @@ def _moved_text(statistic) -> str:
 
 # ----- feedback -> landing ---------------------------------------------------------------------------
 
+FEEDBACK_QUARANTINE = dg.AssetKey("feedback_quarantine")  # what the op reports when it holds labels back
+VERDICT_COLUMNS = ["client", "labels", "share", "disagreement", "others", "p_value", "verdict"]
+CLIENTS_SHOWN = 100  # the largest clients of a batch in the op's table (the page makes one client per browser)
+
 
 class FeedbackLandingConfig(dg.Config):
+    """When labels land, and when a client's labels are quarantined instead. The defaults are
+    `lifecycle.landing.GuardRules`'s (a test holds them equal; that module is not imported at load: it loads
+    scipy and the endpoint's modules)."""
+
     min_feedback: int = 100  # new labels needed before a batch is written (the sensor passes MNIST_MIN_FEEDBACK)
     max_age_days: int = 30  # how far before the earliest new feedback the prediction log is searched for images
+    max_share: float = 0.2  # a client sending more of the batch is quarantined ...
+    min_clients_for_share: int = 10  # ... once the batch has this many clients
+    alpha: float = 0.001  # the disagreement test's family-wise level (Bonferroni over the clients tested)
+    min_excess: float = 0.10  # and the client's disagreement rate must exceed the others' by this much
+    min_labels: int = 30  # a client is tested from this many labels ...
+    min_peer_labels: int = 30  # ... against at least this many of other clients (else held; 0: land untested)
+
+    def rules(self):
+        from mnist_dagster.lifecycle.landing import GuardRules
+
+        names = ("max_share", "min_clients_for_share", "alpha", "min_excess", "min_labels", "min_peer_labels")
+        return GuardRules(**{name: getattr(self, name) for name in names})
 
 
 @dg.op(
     out=dg.Out(dg.Nothing),
     description="Writes the new labelled feedback, with the images the prediction log kept, as one batch in "
-    "landing/ (once each prediction, the latest label), when at least min_feedback new labels exist.",
+    "landing/ (once each prediction, the latest label), when at least min_feedback new labels exist; a client "
+    "sending too large a share, or disagreeing with the model far more than the others, goes to quarantine/.",
 )
 def land_feedback(context: dg.OpExecutionContext, config: FeedbackLandingConfig, storage: StorageResource):
-    from mnist_dagster.serving import feedback
+    # Lazy: lifecycle.landing loads numpy and scipy, which the code location does not need to load.
+    from mnist_dagster.lifecycle import landing
 
-    result = feedback.land_feedback(storage.open(), config.min_feedback, config.max_age_days)
+    rules = config.rules()
+    result = landing.land_feedback(storage.open(), config.min_feedback, config.max_age_days, rules)
     context.log.info(result.summary())
     if result.late_corrections:
         context.log.warning(
             f"{result.late_corrections} label(s) were corrected after their prediction had landed: the landed "
             "label stays (a prediction lands once)"
+        )
+    selection = result.selection
+    quarantined = [verdict.row() for verdict in selection.quarantined_clients()] if selection else []
+    guard = {
+        "quarantined": result.quarantined,
+        "quarantine_key": result.quarantine_key or "",
+        "quarantined_clients": dg.MetadataValue.json(quarantined),
+        "held": result.held,
+        "test": landing.TEST_NAME,
+        "rule": rules.test_statement(),
+        "rules": dg.MetadataValue.json(landing.rules_metadata(rules, selection)),
+    }
+    if selection is not None:
+        guard["clients"] = table(landing.verdict_rows(selection)[:CLIENTS_SHOWN], VERDICT_COLUMNS)
+        guard["client_count"] = len(selection.verdicts)
+    if result.quarantined:
+        context.log.warning(result.summary())
+        yield dg.AssetMaterialization(
+            FEEDBACK_QUARANTINE,
+            description=f"{result.quarantined} label(s) held back from landing/ as likely poisoning",
+            metadata={**guard, "landed": result.landed},
         )
     yield dg.Output(
         None,
@@ -265,5 +309,6 @@ def land_feedback(context: dg.OpExecutionContext, config: FeedbackLandingConfig,
             "pending": result.pending,
             "late_corrections": result.late_corrections,
             "min_feedback": config.min_feedback,
+            **guard,
         },
     )

@@ -320,3 +320,49 @@ def slack_on_prediction_drift(context: dg.SensorEvaluationContext, slack: SlackA
 
     latest, alerts_after = _materialization_alerts(context.instance, PREDICTION_DRIFT, slack, text)
     return _alerting_tick(context, slack, latest, alerts_after)
+
+
+FEEDBACK_QUARANTINE = dg.AssetKey("feedback_quarantine")  # reported by feedback_to_landing_job's land_feedback
+
+
+def _quarantine_text(metadata: dict, run_id: str, run_url: str) -> str | None:
+    """Who had labels held back from landing/ and why: their share of the batch, or how far their labels
+    disagree with the model compared with everyone else's (the test and its level)."""
+    if not metadata.get("quarantined"):
+        return None
+    clients = metadata.get("quarantined_clients") or []
+    lines = [
+        f":shield: *Feedback quarantined*: {metadata['quarantined']} label(s) from {len(clients)} client(s) held "
+        f"back from landing/ as likely poisoning; {metadata.get('landed', 0)} label(s) from other clients landed."
+    ]
+    for row in clients:
+        if row["verdict"] == "share":
+            why = f"{_percent(row['share'])} of the batch"
+        else:
+            p_value = f"p={row['p_value']}" if row["p_value"] else "p < 1e-300"  # 0.0: below a float's range
+            why = (
+                f"disagrees with the model on {_percent(row['disagreement'])} of its labels, the others on "
+                f"{_percent(row['others'])} ({p_value})"
+            )
+        client = _escape(str(row["client"])).replace("`", "'")
+        lines.append(f"• `{client}`: {row['labels']} label(s), {why}")
+    lines.append(f"Rule: {_escape(str(metadata.get('rule', '')))}")
+    lines.append(f"Kept in `{metadata.get('quarantine_key')}`: move it to landing/ to release it.")
+    if run_id:
+        lines.append(f"<{run_url}|Open run {run_id[:8]} in Dagster>")
+    return "\n".join(lines)
+
+
+@dg.sensor(
+    name="slack_on_feedback_quarantine",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Posts to Slack, once each, when feedback -> landing quarantined a client's labels as likely "
+    "poisoning: which clients, how many labels, and why.",
+)
+def slack_on_feedback_quarantine(context: dg.SensorEvaluationContext, slack: SlackAlerts) -> dg.SensorResult:
+    def text(_instance: dg.DagsterInstance, record: dg.EventLogRecord, run_url: str) -> str | None:
+        return _quarantine_text(_metadata(record), record.run_id, run_url)
+
+    latest, alerts_after = _materialization_alerts(context.instance, FEEDBACK_QUARANTINE, slack, text)
+    return _alerting_tick(context, slack, latest, alerts_after)

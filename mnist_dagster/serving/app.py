@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from mnist_dagster.serving import openapi, page, routing, service
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
+from mnist_dagster.serving.guards import FeedbackGuards
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving.routing import Assignment, Router
@@ -104,7 +105,9 @@ class Logs:
 class DigitService:
     """The service over `store`: serves the models the deployment record names, and follows it as it moves."""
 
-    def __init__(self, store: Store, poll_seconds: float, logs: Logs | None = None) -> None:
+    def __init__(
+        self, store: Store, poll_seconds: float, logs: Logs | None = None, guards: FeedbackGuards | None = None
+    ) -> None:
         # One ONNX thread for the challenger: its shadow batches then run on the shadow scorer's own (lowered
         # priority) thread and never take more than one core from production; a single image is no slower.
         self.watcher = DeploymentWatcher(store, poll_seconds, challenger_threads=1)
@@ -113,7 +116,8 @@ class DigitService:
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
         self.shadow = ShadowScorer(self.logs.predictions) if self.logs.predictions else None
         self.issued = IssuedPredictions()
-        self.static = page.load_static()
+        self.guards = guards or FeedbackGuards()  # none configured: anyone may post, no rate limit
+        self.static = self.guards.page_files(page.load_static())
 
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
@@ -196,6 +200,7 @@ class DigitService:
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
         Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
+        client = self.guards.admit(request)  # 401 without the token, 429 past the rate limit (serving/guards.py)
         body = await read_body(request.receive, request.headers.get("content-length"))
         prediction_id, label = parse_feedback(body, request.headers.get("content-type"))
         issued = self.issued.get(prediction_id)
@@ -204,7 +209,7 @@ class DigitService:
                 f"unknown prediction_id {prediction_id[:64]!r}: not issued by this server (or long ago)", 404
             )
         if self.logs.feedback is not None:
-            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued))
+            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued, client=client))
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
         return Response(json.dumps(answer), status_code=202, media_type=JSON)
 
@@ -254,10 +259,11 @@ def create_app(
     prediction_log: PredictionLog | None = None,
     fast_path: bool = True,
     feedback_log: FeedbackLog | None = None,
+    guards: FeedbackGuards | None = None,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
     logs = Logs(prediction_log, feedback_log)
-    digits = DigitService(store, poll_seconds, logs)
+    digits = DigitService(store, poll_seconds, logs, guards)
     app = FastAPI(
         title=openapi.TITLE,
         summary=openapi.SUMMARY,

@@ -16,8 +16,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from mnist_dagster.storage import default_data_dir
+
+if TYPE_CHECKING:
+    from mnist_dagster.serving.guards import FeedbackGuards
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-prediction-log", action="store_true", help="do not record served predictions (nor shadow-score)"
     )
+    serve.add_argument(
+        "--feedback-rate-per-minute", type=float, default=None,
+        help="POST /feedback per client and minute, on average "
+        "(default MNIST_FEEDBACK_RATE_PER_MINUTE; 0 or unset: no limit)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feedback-burst", type=int, default=None,
+        help="posts a client may send at once (default MNIST_FEEDBACK_BURST, else a minute's worth)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--page-sends-feedback-token", action="store_true", default=None,
+        help="give the draw-a-digit page MNIST_FEEDBACK_TOKEN, so its feedback buttons work (anyone who loads the "
+        "page can read it; default MNIST_PAGE_SENDS_FEEDBACK_TOKEN, else off)",
+    )  # fmt: skip
     return parser
+
+
+def feedback_guards(args: argparse.Namespace) -> FeedbackGuards:
+    """The guards of POST /feedback from the environment (the token only from there) and the flags given."""
+    # Lazy, as in `serve`: `--help` and argument errors answer without loading FastAPI.
+    from mnist_dagster.serving.guards import FeedbackGuards, GuardSettings
+
+    settings = GuardSettings.from_env(
+        rate_per_minute=args.feedback_rate_per_minute,
+        burst=args.feedback_burst,
+        page_sends_token=args.page_sends_feedback_token,
+    )
+    logging.getLogger("mnist_dagster.serving").info(settings.describe())
+    return FeedbackGuards(settings)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -57,6 +89,7 @@ def serve(args: argparse.Namespace) -> None:
         poll_seconds=args.poll_seconds,
         prediction_log=prediction_log,
         feedback_log=FeedbackLog(store, flush_seconds=args.log_flush_seconds),
+        guards=feedback_guards(args),
     )
     logging.getLogger("mnist_dagster.serving").info("Serving the deployment recorded in %s", location)
     # uvloop and httptools are picked automatically where installed; no access log on the request path.

@@ -10,6 +10,12 @@ let drawing = false;
 let hasInk = false;
 let current = null; // the answer shown: {prediction_id, digit, ...}
 
+// What POST /feedback needs here, told by the server in the page's <meta> tags (serving/guards.py): the bearer
+// token where the operator lets the page have it, or that the server wants a token the page is not given.
+const metaContent = (name) => document.querySelector(`meta[name="${name}"]`)?.content || null;
+const feedbackToken = metaContent("mnist-feedback-token");
+const feedbackWithheld = metaContent("mnist-feedback-auth") === "withheld";
+
 // A stable key per browser, so an A/B test keeps showing this person the same model.
 function clientKey() {
   try {
@@ -147,9 +153,13 @@ async function sendFeedback(label) {
   if (!current) return;
   setFeedbackEnabled(false);
   try {
+    const headers = { "Content-Type": "application/json" };
+    const key = clientKey();
+    if (key) headers["X-Client-Key"] = key; // the client the rate limit and feedback -> landing judge
+    if (feedbackToken) headers.Authorization = `Bearer ${feedbackToken}`;
     const response = await fetch("/feedback", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers,
       body: JSON.stringify({ prediction_id: current.prediction_id, label }),
     });
     if (!response.ok) {
@@ -178,6 +188,12 @@ function buildPicker() {
   $("picker").replaceChildren(...buttons);
 }
 
+function withholdFeedback() {
+  // The server needs a token for feedback and does not give it to this page: no buttons that cannot work.
+  for (const id of ["correct", "picker-title", "picker"]) $(id).style.display = "none"; // .picker sets display
+  $("feedback-title").textContent = "Feedback needs a token on this server; this page is not given one.";
+}
+
 function clearAll() {
   resetPad();
   current = null;
@@ -187,6 +203,7 @@ function clearAll() {
 
 resetPad();
 buildPicker();
+if (feedbackWithheld) withholdFeedback();
 pad.addEventListener("pointerdown", startStroke);
 pad.addEventListener("pointermove", continueStroke);
 pad.addEventListener("pointerup", endStroke);
