@@ -57,9 +57,10 @@ ROOMS = (
     ),
     Room(
         "lifecycle",
-        ("lifecycle", "scoring", "ml.compare", *GROUND),
+        ("lifecycle", "scoring", "ml.compare", "serving.prediction_log", "serving.feedback", "serving.jsonl", *GROUND),
         (DAGSTER, *WEB_FRAMEWORKS, *HTTP_CLIENTS, "torch", "torchvision", "mlflow"),
-        why="the deployment record and its decisions, as functions of the store: no Dagster, no HTTP, no registry",
+        why="the deployment record and its decisions, as functions of the store: no Dagster, no HTTP, no registry; "
+        "it reads the logs the endpoint writes through their own formats (serving's prediction_log, feedback, jsonl)",
     ),
     Room(
         "serving",

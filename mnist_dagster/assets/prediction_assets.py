@@ -22,6 +22,7 @@ from mnist_dagster.layout import DEPLOYMENT_KEY
 from mnist_dagster.lifecycle import check, deploy
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.scoring import bundle
+from mnist_dagster.serving import client
 from mnist_dagster.scoring.batch import InboxPlan, commit_shards, plan_shards, score_inbox, score_shard
 
 
@@ -233,8 +234,8 @@ def _check_live_server(context, url: str, version: str, images, digits, config: 
     """The running server serves `version` within the timeout and gives the same digits as the model."""
     count = config.http_check_images
     try:
-        live = check.check_live_server(url, version, images[:count], digits[:count], config.http_timeout_seconds)
-    except (check.ServingCheckError, OSError) as error:
+        live = client.check_live_server(url, version, images[:count], digits[:count], config.http_timeout_seconds)
+    except (client.LiveServerError, OSError) as error:
         # Already waited http_timeout_seconds; a retry would only repeat the wait.
         raise dg.Failure(f"HTTP check of {url} failed: {error}", allow_retries=False) from error
     context.log.info(f"{url} serves version {version} and agrees on {live.images} test images")

@@ -2,7 +2,7 @@
 
 The gate (`production_digit_classifier`) runs `check_serving_path` BEFORE the deployment record flips,
 so a model that fails it never serves and production stays as it was; `digit_predictions` then checks
-that a running endpoint picked the new version up (`check_live_server`). No Dagster here.
+that a running endpoint picked the new version up (`serving.client.check_live_server`). No Dagster, no HTTP.
 The question is faithfulness, not accuracy: each test image goes, as a PNG the way clients send it,
 through the upload recipe behind `POST /predict` (`scoring.preprocess.prepare_upload`), and the answer must be the model's own answer on the
 same pixels (same digit, probabilities within a tolerance). An accuracy is reported for a person to
@@ -19,8 +19,10 @@ import numpy as np
 
 from mnist_dagster.scoring import bundle as bundles
 from mnist_dagster.scoring.preprocess import MNIST_SIDE, encode_png, prepare_upload
-from mnist_dagster.serving import client
-from mnist_dagster.serving.client import ServingCheckError
+
+class ServingCheckError(RuntimeError):
+    """The serving path does not answer what the model answers."""
+
 
 #: The server rounds probabilities to 6 decimals; anything larger than this is a different computation.
 PROBABILITY_TOLERANCE = 1e-4
@@ -78,28 +80,6 @@ def _through_the_server_code(predictor: bundles.Predictor, pngs: list[bytes]) ->
         probabilities.append(predictor.predict_proba(pixels)[0])
         latencies.append(time.perf_counter() - started)
     return np.array(probabilities, dtype=np.float64).reshape(len(pngs), -1), latencies
-
-
-@dataclass(frozen=True)
-class LiveCheck:
-    url: str
-    images: int
-    latencies: list[float]
-
-
-def check_live_server(url: str, version: str, images: np.ndarray, expected: np.ndarray, timeout: float) -> LiveCheck:
-    """The running server at `url` serves `version` within `timeout` seconds and answers `expected` digits."""
-    client.wait_for_version(url, version, timeout)
-    latencies, mismatches = [], []
-    for index, image in enumerate(images):
-        started = time.perf_counter()
-        answer = client.predict_png(url, encode_png(image))
-        latencies.append(time.perf_counter() - started)
-        if answer["model_version"] != version or answer["digit"] != int(expected[index]):
-            mismatches.append(f"image {index}: got {answer['digit']} from version {answer['model_version']}")
-    if mismatches:
-        raise ServingCheckError(f"{url} answers differently from the published model: {'; '.join(mismatches[:5])}")
-    return LiveCheck(url, len(images), latencies)
 
 
 def percentile_ms(seconds: list[float], percentile: float) -> float:

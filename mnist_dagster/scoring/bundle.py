@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 
-import onnxruntime as ort
-
 from mnist_dagster.digits import IMAGE_SIDE, NUM_CLASSES
 from mnist_dagster.layout import bundle_prefix
 from mnist_dagster.storage import Store
@@ -104,6 +102,8 @@ class Predictor:
     """ONNX Runtime inference over a verified bundle; checks itself on load so a broken model never serves."""
 
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
+        import onnxruntime as ort  # lazy: the code location imports this module; ONNX Runtime costs ~0.3 s to load
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # Idle ONNX threads sleep instead of spinning: spinning steals the CPU the HTTP server needs.

@@ -1,5 +1,5 @@
 """A small standard-library client for a running `mnist-dagster serve`: what `digit_predictions` uses
-to check over HTTP that the server picked up the model it just published."""
+to check over HTTP that the server follows the deployment record (`check_live_server`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 
-class ServingCheckError(RuntimeError):
+from mnist_dagster.scoring.preprocess import encode_png
+
+
+class LiveServerError(RuntimeError):
     """The running server did not serve what was published, or answered wrongly."""
 
 
@@ -26,7 +31,7 @@ def health(url: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def wait_for_version(url: str, version: str, timeout: float, interval: float = 0.5) -> dict[str, Any]:
-    """Poll `/health` until the server serves `version`; raises `ServingCheckError` after `timeout` seconds."""
+    """Poll `/health` until the server serves `version`; raises `LiveServerError` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] | str = "no answer yet"
     while True:
@@ -35,11 +40,11 @@ def wait_for_version(url: str, version: str, timeout: float, interval: float = 0
             if last.get("model_version") == version:
                 return last
             if version in (last.get("refused") or {}):
-                raise ServingCheckError(f"{url} refused model version {version}: {last['refused'][version]}")
+                raise LiveServerError(f"{url} refused model version {version}: {last['refused'][version]}")
         except (OSError, ValueError) as error:
             last = f"{type(error).__name__}: {error}"
         if time.monotonic() >= deadline:
-            raise ServingCheckError(
+            raise LiveServerError(
                 f"{url} did not serve model version {version} within {timeout:g} s (last /health: {last}); "
                 "is it reading the store this deployment publishes to (mnist-dagster serve --store)?"
             )
@@ -54,4 +59,26 @@ def predict_png(url: str, png: bytes, timeout: float = 10.0) -> dict[str, Any]:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
-        raise ServingCheckError(f"{url}/predict answered {error.code}: {error.read()[:500]!r}") from error
+        raise LiveServerError(f"{url}/predict answered {error.code}: {error.read()[:500]!r}") from error
+
+
+@dataclass(frozen=True)
+class LiveCheck:
+    url: str
+    images: int
+    latencies: list[float]
+
+
+def check_live_server(url: str, version: str, images: np.ndarray, expected: np.ndarray, timeout: float) -> LiveCheck:
+    """The running server at `url` serves `version` within `timeout` seconds and answers `expected` digits."""
+    wait_for_version(url, version, timeout)
+    latencies, mismatches = [], []
+    for index, image in enumerate(images):
+        started = time.perf_counter()
+        answer = predict_png(url, encode_png(image))
+        latencies.append(time.perf_counter() - started)
+        if answer["model_version"] != version or answer["digit"] != int(expected[index]):
+            mismatches.append(f"image {index}: got {answer['digit']} from version {answer['model_version']}")
+    if mismatches:
+        raise LiveServerError(f"{url} answers differently from the published model: {'; '.join(mismatches[:5])}")
+    return LiveCheck(url, len(images), latencies)
