@@ -13,13 +13,21 @@ import numpy as np
 from scipy import stats
 
 
+MCNEMAR_ONE_SIDED = (
+    "McNemar's exact test, one-sided (alternative: the candidate is less accurate): the exact binomial tail "
+    "on the images only one model got right"
+)
+
+
 @dataclass(frozen=True)
 class PairedComparison:
-    """McNemar's exact test of a candidate against production on the same labelled images.
+    """McNemar's exact test of a candidate against production on the same labelled images, one-sided.
 
     Only the discordant images carry information: `candidate_only` right by the candidate alone,
     `production_only` right by production alone. Under "equally accurate", each discordant image is a
-    fair coin, so the exact two-sided binomial test on those counts gives the p-value.
+    fair coin. The gate's question is one-sided (is the candidate worse?), so `p_value` is the exact
+    binomial tail P(production alone right on >= `production_only` of the discordant images): a refusal
+    at `p_value <= alpha` has level alpha, not the alpha / 2 a two-sided p-value would give.
     """
 
     images: int
@@ -34,7 +42,8 @@ class PairedComparison:
         return self.production_only > self.candidate_only
 
     def significantly_worse(self, alpha: float) -> bool:
-        return self.candidate_is_worse and self.p_value < alpha
+        """The one-sided test rejects "not worse" at level `alpha`."""
+        return self.p_value <= alpha
 
 
 def mcnemar_exact(labels: np.ndarray, candidate: np.ndarray, production: np.ndarray) -> PairedComparison:
@@ -45,8 +54,7 @@ def mcnemar_exact(labels: np.ndarray, candidate: np.ndarray, production: np.ndar
     candidate_right, production_right = candidate == labels, production == labels
     candidate_only = int((candidate_right & ~production_right).sum())
     production_only = int((production_right & ~candidate_right).sum())
-    discordant = candidate_only + production_only
-    p_value = 1.0 if discordant == 0 else float(stats.binomtest(candidate_only, discordant, 0.5).pvalue)
+    p_value = mcnemar_worse_p_value(candidate_only, production_only)
     return PairedComparison(
         images=len(labels),
         candidate_accuracy=float(candidate_right.mean()) if len(labels) else float("nan"),
@@ -55,6 +63,15 @@ def mcnemar_exact(labels: np.ndarray, candidate: np.ndarray, production: np.ndar
         production_only=production_only,
         p_value=p_value,
     )
+
+
+def mcnemar_worse_p_value(candidate_only: int, production_only: int) -> float:
+    """McNemar's exact one-sided p-value for "the candidate is less accurate", from the discordant counts
+    (scipy's binomial test, alternative `greater` on production's share of them)."""
+    discordant = candidate_only + production_only
+    if discordant == 0:
+        return 1.0
+    return float(stats.binomtest(production_only, discordant, 0.5, alternative="greater").pvalue)
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
