@@ -13,6 +13,7 @@ from mnist_dagster.lifecycle.sequential import (
     ArmServing,
     Plan,
     alpha_spent,
+    between_client_variance,
     boundary,
     decide_ab_test,
     decide_shadow,
@@ -96,6 +97,21 @@ def test_clients_are_the_unit_a_lead_carried_by_three_clients_is_not_significant
     decision = decide_ab_test(production, as_clients, days=30, plan=PLAN)
     assert decision.verdict == "keep" and decision.statistic < 2.0
     assert "(6000 requests, 3 clients)" in decision.reason
+
+
+def test_the_between_client_variance_recovers_the_spread_it_was_simulated_with():
+    """600 clients of 1-200 requests, accuracies uniform on 98% +- 2 points (variance 0.04^2 / 12)."""
+    rng = np.random.default_rng(9)
+    sizes = rng.integers(1, 201, size=600)
+    accuracy = 0.98 + rng.uniform(-0.02, 0.02, size=600)
+    correct = rng.binomial(sizes, accuracy)
+    arm = rng.random(600) < 0.1
+    production = ArmCounts.from_clients(sizes[~arm], correct[~arm])
+    challenger = ArmCounts.from_clients(sizes[arm], correct[arm])
+    pooled = correct.sum() / sizes.sum()
+    assert between_client_variance(production, challenger, pooled) == pytest.approx(0.04**2 / 12, rel=0.3)
+    alone = ArmCounts.independent(5_000, 4_900), ArmCounts.independent(500, 490)  # one request per client
+    assert between_client_variance(*alone, pooled=0.98) == 0.0
 
 
 def simulate_trials(trials: int, accuracy_p: float, accuracy_c: float, seed: int) -> list[str]:

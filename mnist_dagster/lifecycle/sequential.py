@@ -22,11 +22,14 @@ keeps more power at the planned horizon; its price is a planned maximum, which t
 (futility: at the maximum sample or duration without crossing, the verdict is `keep`).
 
 Clients as the unit. One client sends many requests and clients differ, so requests are not independent.
-Each arm's accuracy is a ratio estimate sum(correct) / sum(requests) over its clients, with a
-cluster-robust (delta-method, CR1) variance m / (m - 1) * sum_c (y_c - p n_c)^2 / n^2, centred on the
-pooled accuracy p (the null's common value, like a score test, so an arm with no error yet is not
-credited with zero variance), and never below the binomial variance p (1 - p) / n (clustering only adds
-variance). A request without a client key is its own client.
+Each arm's accuracy is a ratio estimate sum(correct) / sum(requests) over its clients. Its variance is
+the larger of two, both centred on the pooled accuracy p (the null's common value, like a score test, so
+an arm with no error yet is not credited with zero variance): the arm's own cluster-robust (delta-method,
+CR1) variance m / (m - 1) * sum_c (y_c - p n_c)^2 / n^2, and the random-effects variance
+p (1 - p) / n + s^2 (sum_c n_c^2 - n) / n^2 with the between-client variance s^2 estimated on the
+clients of both arms. The second matters: the challenger's few clients alone estimate their spread
+noisily, and that noise runs with its lead (measured: 4.4% false promotions with the arm's own CR1
+alone, 3.0% with both; 3.3% without clusters). A request without a client key is its own client.
 
 Non-binding futility: a challenger significantly worse, Z <= -c / sqrt(t), ends the trial with `keep`.
 It can only remove promotions, so the level holds.
@@ -127,21 +130,42 @@ class ArmCounts:
     def accuracy(self) -> float | None:
         return self.correct / self.requests if self.requests else None
 
-    def variance(self, pooled: float) -> float:
-        """Var(accuracy) around the pooled accuracy: cluster-robust, floored at the binomial variance."""
+    def squares(self, pooled: float) -> float:
+        """sum over clients of (y_c - pooled n_c)^2: each client's departure from the common accuracy."""
+        return max(self.sum_y2 - 2.0 * pooled * self.sum_ny + pooled * pooled * self.sum_n2, 0.0)
+
+    def variance(self, pooled: float, between: float) -> float:
+        """Var(accuracy) under "no difference": the larger of the random-effects variance with the
+        between-client variance `between` estimated from both arms, and this arm's own cluster-robust
+        (CR1 sandwich) variance. Never below the binomial variance (clustering only adds)."""
         binomial = pooled * (1.0 - pooled) / self.requests
+        shared = binomial + between * (self.sum_n2 - self.requests) / (self.requests * self.requests)
         if self.clients < 2:
-            return binomial
-        squares = self.sum_y2 - 2.0 * pooled * self.sum_ny + pooled * pooled * self.sum_n2
-        robust = self.clients / (self.clients - 1) * max(squares, 0.0) / (self.requests * self.requests)
-        return max(binomial, robust)
+            return shared
+        robust = self.clients / (self.clients - 1) * self.squares(pooled) / (self.requests * self.requests)
+        return max(shared, robust)
+
+
+def between_client_variance(production: ArmCounts, challenger: ArmCounts, pooled: float) -> float:
+    """The variance of clients' own accuracies around the common one, by the method of moments on all
+    clients of both arms: E sum (y_c - p n_c)^2 = N (p (1 - p) - s^2) + s^2 sum n_c^2. Under "no
+    difference" both arms draw their clients from one population (the salted hash), so the ~540
+    production clients steady an estimate the challenger's ~60 alone would make noisily; 0 when every
+    client sent one request."""
+    requests = production.requests + challenger.requests
+    excess = production.sum_n2 + challenger.sum_n2 - requests
+    if excess <= 0:
+        return 0.0
+    squares = production.squares(pooled) + challenger.squares(pooled)
+    return max(0.0, (squares - requests * pooled * (1.0 - pooled)) / excess)
 
 
 def difference_z(production: ArmCounts, challenger: ArmCounts) -> tuple[float, float]:
     """(challenger accuracy minus production's, its z under "no difference"); z = 0 when nobody erred."""
     pooled = (production.correct + challenger.correct) / (production.requests + challenger.requests)
     difference = challenger.correct / challenger.requests - production.correct / production.requests
-    spread = math.sqrt(production.variance(pooled) + challenger.variance(pooled))
+    between = between_client_variance(production, challenger, pooled)
+    spread = math.sqrt(production.variance(pooled, between) + challenger.variance(pooled, between))
     return difference, (difference / spread if spread > 0 else 0.0)
 
 
