@@ -21,3 +21,9 @@ def client_share(client_key: str, trial_id: str = "") -> float:
     salted = trial_id.encode("utf-8", "surrogateescape") + _SEPARATOR + client_key.encode("utf-8", "surrogateescape")
     digest = hashlib.sha256(salted).digest()
     return int.from_bytes(digest[:8], "big") * _HASH_SCALE
+
+
+def client_tag(client_key: str) -> str:
+    """What the prediction log keeps of a client key: enough to count a client's requests as one client's
+    (the A/B report's unit), not the key itself."""
+    return hashlib.sha256(b"client\x00" + client_key.encode("utf-8", "surrogateescape")).hexdigest()[:16]

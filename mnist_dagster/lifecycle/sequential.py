@@ -140,7 +140,7 @@ class ArmCounts:
         (CR1 sandwich) variance. Never below the binomial variance (clustering only adds)."""
         binomial = pooled * (1.0 - pooled) / self.requests
         shared = binomial + between * (self.sum_n2 - self.requests) / (self.requests * self.requests)
-        if self.clients < 2:
+        if self.clients < 2 or self.sum_n2 <= self.requests:  # no client sent two: nothing is clustered
             return shared
         robust = self.clients / (self.clients - 1) * self.squares(pooled) / (self.requests * self.requests)
         return max(shared, robust)
