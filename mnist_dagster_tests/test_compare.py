@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 
-from mnist_dagster.ml.compare import mcnemar_exact, mcnemar_worse_p_value, two_proportion_test, wilson_interval
+from mnist_dagster.ml.compare import mcnemar_exact, mcnemar_worse_p_value, wilson_interval
 
 
 def predictions_with(labels: np.ndarray, candidate_only: int, production_only: int, both_wrong: int = 0):
@@ -67,14 +67,3 @@ def test_wilson_interval_known_values_and_edges():
     assert (round(low, 3), round(high, 3)) == (0.722, 0.875)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-def test_two_proportion_test_against_the_textbook_formula():
-    result = two_proportion_test(900, 1000, 950, 1000)
-    pooled = 1850 / 2000
-    z = 0.05 / np.sqrt(pooled * (1 - pooled) * (2 / 1000))
-    assert result.z == pytest.approx(z) and result.p_value == pytest.approx(2 * stats.norm.sf(z))
-    assert result.difference == pytest.approx(0.05) and result.p_value < 0.001
-    assert two_proportion_test(50, 50, 30, 30).p_value == 1.0
-    with pytest.raises(ValueError):
-        two_proportion_test(0, 0, 1, 1)

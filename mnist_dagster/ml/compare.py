@@ -1,16 +1,17 @@
-"""Comparing two models honestly: on the same images (McNemar), and on live traffic (two proportions).
+"""Comparing two models honestly on the same images (McNemar, one-sided), and an interval for an accuracy
+(Wilson). The A/B decision on live traffic is sequential: `lifecycle/sequential.py`.
 
-Plain numpy and scipy; no Dagster. Each result says which test it ran, on what counts, and what it found,
+Plain numpy, scipy and statsmodels; no Dagster. Each result says which test it ran, on what counts, and what it found,
 so the gate's and the A/B report's metadata can show a person the reasoning, not just a verdict.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.proportion import proportion_confint
 
 
 MCNEMAR_ONE_SIDED = (
@@ -75,42 +76,9 @@ def mcnemar_worse_p_value(candidate_only: int, production_only: int) -> float:
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval for a proportion: sound at small n and near 0 or 1, unlike the normal one."""
+    """The Wilson score interval for a proportion (statsmodels' `proportion_confint`): sound at small n and
+    near 0 or 1, unlike the normal one."""
     if trials == 0:
         return (0.0, 1.0)
-    z = float(stats.norm.ppf(0.5 + confidence / 2))
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
-
-
-@dataclass(frozen=True)
-class TwoProportions:
-    """A two-sided two-proportion z-test (pooled variance) of arm B's accuracy against arm A's."""
-
-    successes_a: int
-    trials_a: int
-    successes_b: int
-    trials_b: int
-    z: float
-    p_value: float
-
-    @property
-    def difference(self) -> float:
-        """B's accuracy minus A's."""
-        return self.successes_b / self.trials_b - self.successes_a / self.trials_a
-
-
-def two_proportion_test(successes_a: int, trials_a: int, successes_b: int, trials_b: int) -> TwoProportions:
-    if min(trials_a, trials_b) == 0:
-        raise ValueError("each arm needs at least one labelled prediction")
-    pooled = (successes_a + successes_b) / (trials_a + trials_b)
-    spread = math.sqrt(pooled * (1 - pooled) * (1 / trials_a + 1 / trials_b))
-    difference = successes_b / trials_b - successes_a / trials_a
-    if spread == 0:  # both arms all right or all wrong: no evidence either way
-        z, p_value = 0.0, 1.0
-    else:
-        z = difference / spread
-        p_value = float(2 * stats.norm.sf(abs(z)))
-    return TwoProportions(successes_a, trials_a, successes_b, trials_b, z, p_value)
+    low, high = proportion_confint(successes, trials, alpha=1.0 - confidence, method="wilson")
+    return (max(0.0, float(low)), min(1.0, float(high)))
