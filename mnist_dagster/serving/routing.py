@@ -31,13 +31,13 @@ for the ASGI fast path).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from mnist_dagster.lifecycle import assignment
 from mnist_dagster.serving.service import LoadedModel, ModelWatcher, Poller
 from mnist_dagster.storage import Store
 
@@ -47,7 +47,6 @@ REPLACE, AB_TEST, SHADOW = "replace", "ab_test", "shadow"
 STRATEGIES = (REPLACE, AB_TEST, SHADOW)
 PRODUCTION, CHALLENGER = "production", "challenger"
 CLIENT_KEY_HEADER = "X-Client-Key"
-_HASH_SCALE = 1.0 / 2**64
 
 
 @dataclass(frozen=True)
@@ -109,15 +108,16 @@ class RoutingWatcher(Poller):
             return NO_ROUTING, problem, logging.ERROR
 
 
-def client_share(client_key: str) -> float:
-    """A client key -> a number in [0, 1), the same for the same key on every server and every run."""
-    digest = hashlib.sha256(client_key.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") * _HASH_SCALE
+def client_share(client_key: str, trial_id: str = "") -> float:
+    """A client key -> a number in [0, 1), the same for the same key within a trial on every server and
+    every run, and drawn afresh for each trial (salted with its id: `lifecycle.assignment`)."""
+    return assignment.client_share(client_key, trial_id)
 
 
-def goes_to_challenger(share: float, client_key: str | None) -> bool:
-    """Whether a request is in the challenger's `share`: by its key's hash (sticky), else by a random draw."""
-    return (client_share(client_key) if client_key else random.random()) < share
+def goes_to_challenger(share: float, client_key: str | None, trial_id: str = "") -> bool:
+    """Whether a request is in the challenger's `share`: by its key's salted hash (sticky for the trial),
+    else by a random draw."""
+    return (client_share(client_key, trial_id) if client_key else random.random()) < share
 
 
 @dataclass(frozen=True)
