@@ -79,8 +79,10 @@ def clustered_counts(days: dict[str, np.ndarray], trial: int, day: int) -> tuple
     return arm("p"), arm("c")
 
 
-def run_trials(trials: int, counts: Callable[[int, int], tuple[ArmCounts, ArmCounts]], plan: Plan,
-               serving: Callable[[int, int], tuple[ArmServing, ArmServing]] | None = None) -> list[tuple[int, Decision]]:  # fmt: skip
+Looks = Callable[[int, int], tuple]  # (trial, day) -> the two arms' counts (or serving) at that look
+
+
+def run_trials(trials: int, counts: Looks, plan: Plan, serving: Looks | None = None) -> list[tuple[int, Decision]]:
     """Each trial looked at once a day until it ends: (the day it ended or 30, the last decision)."""
     ended = []
     for trial in range(trials):

@@ -30,7 +30,8 @@ def test_mcnemar_counts_only_the_discordant_images_and_matches_the_exact_binomia
     # one-sided (is the candidate worse?): the binomial tail of production's 30 of 40 discordant images,
     # half of statsmodels' two-sided exact McNemar p-value on the same 2x2 table
     assert result.p_value == pytest.approx(stats.binomtest(30, 40, 0.5, alternative="greater").pvalue)
-    two_sided = mcnemar([[910, 10], [30, 50]], exact=True).pvalue  # [[both right, candidate only], [production only, both wrong]]
+    table = [[910, 10], [30, 50]]  # [[both right, candidate only], [production only, both wrong]]
+    two_sided = mcnemar(table, exact=True).pvalue
     assert result.p_value == pytest.approx(two_sided / 2)
     assert result.p_value < 0.01 and result.significantly_worse(0.05)
     assert mcnemar_worse_p_value(10, 30) == result.p_value

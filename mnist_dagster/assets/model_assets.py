@@ -336,7 +336,8 @@ def _worse_p_value(comparison: dict) -> float:
     one-sided carries a two-sided `mcnemar_p_value`, which would test at alpha / 2."""
     from mnist_dagster.ml.compare import mcnemar_worse_p_value  # scipy: kept off the code location's load
 
-    return mcnemar_worse_p_value(comparison["candidate_right_production_wrong"], comparison["production_right_candidate_wrong"])
+    counts = comparison["candidate_right_production_wrong"], comparison["production_right_candidate_wrong"]
+    return mcnemar_worse_p_value(*counts)
 
 
 def _passed(accuracy: float, comparison: dict | None, config: DeploymentConfig) -> str:
@@ -346,7 +347,8 @@ def _passed(accuracy: float, comparison: dict | None, config: DeploymentConfig) 
         f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}, and not significantly worse than "
         f"production version {comparison['production_version']} (McNemar's exact test, one-sided, p = "
         f"{_worse_p_value(comparison):.3g} > alpha {config.alpha}: the candidate alone right on "
-        f"{comparison['candidate_right_production_wrong']} images, production alone on {comparison['production_right_candidate_wrong']})"
+        f"{comparison['candidate_right_production_wrong']} images, production alone on "
+        f"{comparison['production_right_candidate_wrong']})"
     )
 
 

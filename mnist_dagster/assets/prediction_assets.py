@@ -306,11 +306,7 @@ class AbTestConfig(dg.Config):
     def plan(self) -> "Plan":
         from mnist_dagster.lifecycle.sequential import Plan  # scipy: kept off the code location's load
 
-        return Plan(
-            alpha=self.alpha, max_labelled=self.max_labelled, max_days=self.max_days,
-            min_labelled_per_arm=self.min_labelled_per_arm, guardrail_alpha=self.guardrail_alpha,
-            latency_ratio=self.latency_ratio,
-        )  # fmt: skip
+        return Plan(**self.model_dump(exclude={"auto_promote"}))  # the same names, one for one
 
 
 AB_TEST_REPORT = dg.AssetKey("ab_test_report")
@@ -372,7 +368,8 @@ def _after_the_end(context, store, mlflow: MlflowTracking, config: AbTestConfig,
     promoted = config.auto_promote and verdict == "promote"
     if promoted:
         _promote(context, store, mlflow, previous["strategy"].value, previous["why"].value)
-    status = f"the trial ended at look {previous['looks'].value} ({verdict}: {previous['finding'].value}); the verdict stands"
+    ended = f"look {previous['looks'].value} ({verdict}: {previous['finding'].value})"
+    status = f"the trial ended at {ended}; the verdict stands"
     context.log.info(status)
     return dg.MaterializeResult(metadata={**previous, "looks": looks, "status": status, "promoted": promoted})
 
@@ -383,7 +380,8 @@ def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, s
     from mnist_dagster.serving import deploy
 
     previous, promoted = deploy.promote_challenger(store)
-    announce_production(context, store, mlflow, "promoted", previous, f"promoted after an A/B test ({strategy}): {reason}")
+    why = f"promoted after an A/B test ({strategy}): {reason}"
+    announce_production(context, store, mlflow, "promoted", previous, why)
     context.log.info(f"Challenger version {promoted} promoted to production (was {previous})")
 
 

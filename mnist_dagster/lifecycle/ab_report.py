@@ -130,7 +130,8 @@ def labelled_predictions(lines: Iterable[dict], labels: dict[str, int], trial: T
             continue
         shadowed = line.get("shadow_digit") is not None and str(line.get("shadow_version")) == trial.challenger_version
         shadow_digit = int(line["shadow_digit"]) if shadowed else None
-        joined.append(Labelled(line["arm"], int(line["digit"]), labels[line["prediction_id"]], client_of(line), shadow_digit))
+        label = labels[line["prediction_id"]]
+        joined.append(Labelled(line["arm"], int(line["digit"]), label, client_of(line), shadow_digit))
     return joined
 
 
