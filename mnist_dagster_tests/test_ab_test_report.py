@@ -1,5 +1,5 @@
 """`ab_test_report` on constructed live traffic: prediction and feedback logs written to a real store folder
-by the serving side's own writers, a trial set up with `serving.deploy`, the real asset, a real MLflow store
+by the serving side's own writers, a trial set up with `lifecycle.deploy`, the real asset, a real MLflow store
 where a promotion moves the aliases, and its Slack alert (through a stand-in for Slack on 127.0.0.1)."""
 
 import time
@@ -13,9 +13,10 @@ from scipy import stats
 from statsmodels.stats.proportion import proportions_ztest
 
 from mnist_dagster.assets.prediction_assets import ab_test_report
-from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.sensors.ml_sensors import slack_on_ab_test_decision
-from mnist_dagster.serving import bundle, deploy
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import Routing, Strategy, read_record
+from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.storage import LocalStore
@@ -36,7 +37,7 @@ def start_trial(store: LocalStore, strategy: str, production: str = "1", challen
     """Production `production` and the challenger `challenger` beside it; the bytes are never run here."""
     deploy.make_production(store, bundle.make_bundle(production, f"onnx {production}".encode()), "test")
     candidate = bundle.make_bundle(challenger, f"onnx {challenger}".encode())
-    deploy.start_trial(store, candidate, deploy.Routing(strategy, 0.5))
+    deploy.start_trial(store, candidate, Routing(Strategy(strategy), 0.5))
 
 
 def request(arm: str, version: str, label: int, digit: int, shadow_digit: int | None = None) -> PredictionRecord:
@@ -174,7 +175,7 @@ def test_ab_test_promotes_a_better_challenger_at_the_boundary_and_says_how(dev_t
     assert rows["challenger"]["model_version"] == "2" and rows["challenger"]["clients"] == 200
     assert rows["challenger"]["ci95_low"] < 0.97 < rows["challenger"]["ci95_high"]  # a 95% Wilson interval
     assert metadata["promoted"] is False  # auto_promote is off by default: the report only says so
-    assert deploy.read_routing(store).strategy == "ab_test" and bundle.current_version(store, PRODUCTION_ROOT) == "1"
+    assert read_record(store).strategy == "ab_test" and read_record(store).production == "1"
 
 
 def test_clients_are_the_unit_in_the_report(dev_test_resources, instance, store):
@@ -202,10 +203,11 @@ def test_ab_test_keeps_production_against_a_significantly_worse_challenger(dev_t
     metadata = report(dev_test_resources, instance, auto_promote=True, **SMALL_TRIAL)
     assert metadata["decision"] == "keep" and metadata["finding"] == "challenger significantly worse"
     assert metadata["z"] < -metadata["boundary_z"] and metadata["promoted"] is False
-    assert bundle.current_version(store, PRODUCTION_ROOT) == "1" and deploy.current_challenger(store).version == "2"
+    assert metadata["trial_ended"] is True  # a keep that closes the trial ends it: production serves alone
+    assert read_record(store).production == "1" and deploy.current_challenger(store) is None
 
 
-def test_no_difference_by_the_planned_end_keeps_production_and_the_verdict_stands(dev_test_resources, instance, store):
+def test_no_difference_by_the_planned_end_keeps_production_and_ends_the_trial(dev_test_resources, instance, store):
     start_trial(store, "ab_test")
     arm_traffic(store, "production", "1", 180, 20)
     arm_traffic(store, "challenger", "2", 184, 16)
@@ -213,10 +215,9 @@ def test_no_difference_by_the_planned_end_keeps_production_and_the_verdict_stand
     assert metadata["decision"] == "keep" and metadata["finding"] == "no significant difference by the end"
     assert metadata["trial_over"] is True and "reached its planned labelled requests" in metadata["why"]
 
-    arm_traffic(store, "challenger", "2", 200, 0)  # more traffic after the end: no second chance
-    later = report(dev_test_resources, instance, **SMALL_TRIAL)
-    assert (later["decision"], later["finding"], later["looks"]) == ("keep", metadata["finding"], 2)
-    assert later["status"].startswith("the trial ended at look 1") and later["challenger_labelled"] == 200
+    assert metadata["trial_ended"] is True and deploy.current_challenger(store) is None  # production alone
+    arm_traffic(store, "challenger", "2", 200, 0)  # late traffic of the ended trial: nothing to judge any more
+    assert report(dev_test_resources, instance, **SMALL_TRIAL)["decision"] == "no trial"
 
 
 def test_a_guardrail_breach_stops_the_trial_before_any_label(dev_test_resources, instance, store):
@@ -228,7 +229,8 @@ def test_a_guardrail_breach_stops_the_trial_before_any_label(dev_test_resources,
     write_logs(store, production + failing, [])
     metadata = report(dev_test_resources, instance)
     assert (metadata["decision"], metadata["finding"]) == ("keep", "guardrail breached")
-    assert metadata["guardrail_breached"] is True and metadata["trial_over"] is True
+    assert metadata["guardrail_breached"] is True and metadata["trial_over"] is metadata["trial_ended"] is True
+    assert read_record(store).challenger is None  # the endpoint stops sending anyone to the challenger
     assert metadata["why"].startswith("trial stopped: error rate: challenger errors 10.00% of 200 requests")
     rows = {row.data["guardrail"]: row.data for row in metadata["guardrails"].records}
     assert rows["error rate"]["breached"] is True and rows["p99 latency"]["breached"] is False
@@ -297,7 +299,6 @@ def register_versions(tracking_uri: str, count: int) -> mlflow.MlflowClient:
 def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_resources, instance, store):
     client = register_versions(dev_test_resources["mlflow"].tracking_uri, 2)
     start_trial(store, "ab_test")
-    deploy.publish_to_endpoint(store, bundle.load_current(store, PRODUCTION_ROOT))
     client.set_registered_model_alias(MODEL, "production", "1")
     client.set_registered_model_alias(MODEL, "challenger", "2")
     arm_traffic(store, "production", "1", 170, 30)
@@ -311,11 +312,9 @@ def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_
                 for event in result.get_asset_materialization_events()}  # fmt: skip
     assert by_asset["ab_test_report"]["decision"] == "promote" and by_asset["ab_test_report"]["promoted"] is True
 
-    assert bundle.current_version(store, PRODUCTION_ROOT) == "2"
-    assert bundle.current_version(store, SERVING_ROOT) == "2"  # what the running endpoint reads
-    assert deploy.read_routing(store) == deploy.Routing() and deploy.current_challenger(store) is None
-    assert b'"replace"' in store.read_bytes(ROUTING_KEY)  # the endpoint serves production alone
-    assert [entry["version"] for entry in deploy.production_history(store)] == ["1", "2"]
+    record = read_record(store)  # what the running endpoint follows
+    assert record.production == "2" and record.challenger is None and record.routing == Routing()
+    assert [entry.version for entry in deploy.production_history(store)] == ["1", "2"]
     assert str(client.get_model_version_by_alias(MODEL, "production").version) == "2"
     assert "challenger" not in client.get_registered_model(MODEL).aliases
 
@@ -323,7 +322,6 @@ def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_
     assert production["decision"] == "promoted" and production["deployed"] is True
     assert (production["model_version"], production["previous_version"]) == ("2", "1")
     assert production["reason"].startswith("promoted after an A/B test (ab_test): challenger 97.00%")
-    assert bundle.current_version(store, CHALLENGER_ROOT) == "2"  # left behind, unused: routing is replace
 
 
 # ----- Slack ------------------------------------------------------------------------------------------
@@ -343,7 +341,9 @@ def test_a_decision_is_posted_once_and_again_only_when_it_changes(dev_test_resou
     arm_traffic(store, "challenger", "2", 194, 6)
     report(dev_test_resources, instance)  # need_more_data early in a long trial: no news either
     report(dev_test_resources, instance, **SMALL_TRIAL)  # promote at the planned end
-    report(dev_test_resources, instance, **SMALL_TRIAL)  # the ended trial's verdict, repeated
+    arm_traffic(store, "production", "1", 200, 0)  # production's late run of luck cannot undo an ended trial
+    again = report(dev_test_resources, instance, **SMALL_TRIAL)
+    assert (again["decision"], again["looks"]) == ("promote", 4) and again["status"].startswith("the trial ended at look 3")
     cursor = tick(instance, resource, cursor)
     cursor = tick(instance, resource, cursor)
     assert len(stub.delivered) == 1
@@ -367,4 +367,4 @@ def test_a_guardrail_stop_is_posted_with_its_reason(dev_test_resources, instance
     text = stub.delivered[0]["text"]
     assert text.startswith(":scales: *A/B test (ab_test): keep production version 1* (guardrail breached)")
     assert "trial stopped: error rate: challenger errors 10.00% of 200 requests" in text
-    assert "The trial of challenger version 2 is over: guardrail breached." in text
+    assert "The trial of challenger version 2 is over: guardrail breached. Production serves alone." in text

@@ -21,7 +21,7 @@ import torch
 from mnist_dagster.ml import distributed
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.ml.model import load_checkpoint
-from mnist_dagster.serving import bundle
+from mnist_dagster.scoring import bundle
 from mnist_dagster_tests.support import FAST_TRAINING, generated_split, pipeline_assets_and_checks, wait_for
 
 TRAINING_SELECTION = ["raw_mnist_data", "processed_mnist_data", "digit_classifier"]

@@ -17,7 +17,7 @@ from mnist_dagster.jobs.ml_jobs import prediction_drift_schedule
 from mnist_dagster.layout import DRIFT_CURSOR_KEY, drift_reference_key
 from mnist_dagster.ml import drift
 from mnist_dagster.sensors.ml_sensors import slack_on_prediction_drift
-from mnist_dagster.serving import deploy
+from mnist_dagster.lifecycle import deploy
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import untrained_bundle

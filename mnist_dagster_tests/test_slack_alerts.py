@@ -263,7 +263,8 @@ def worse_than_production_stand_in() -> dict:
 
 
 def test_a_refusal_by_mcnemar_reads_as_one_sentence_with_its_numbers(instance, slack, slack_stub, dev_env, dev_test_resources):
-    from mnist_dagster.serving import bundle, deploy
+    from mnist_dagster.lifecycle import deploy
+    from mnist_dagster.scoring import bundle
 
     deploy.make_production(LocalStore(dev_env["MNIST_DATA_DIR"]), bundle.make_bundle("1", b"onnx"), "test")
     cursor = tick(slack_on_model_not_deployed, instance, slack, None).cursor

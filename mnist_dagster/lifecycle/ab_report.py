@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
-from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX, PRODUCTION_ROOT
+from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
 from mnist_dagster.lifecycle.sequential import (
     ArmCounts,
     ArmServing,
@@ -38,8 +38,7 @@ from mnist_dagster.lifecycle.sequential import (
     rule_text,
 )
 from mnist_dagster.ml.compare import wilson_interval
-from mnist_dagster.serving import bundle as bundles
-from mnist_dagster.serving import deploy
+from mnist_dagster.lifecycle.record import DeploymentError, DeploymentRecord, change_record, read_record
 from mnist_dagster.serving.feedback import latest_labels
 from mnist_dagster.serving.jsonl import read_json_lines
 from mnist_dagster.storage import Store
@@ -63,15 +62,34 @@ class Trial:
 
 
 def current_trial(store: Store) -> Trial | None:
-    """The trial running now, or None when production serves alone (routing `replace`)."""
-    challenger = deploy.current_challenger(store)
-    production = bundles.current_version(store, PRODUCTION_ROOT)
-    if challenger is None or production is None:
+    """The trial running now, from the deployment record; None when production serves alone."""
+    record = read_record(store)
+    if record.challenger is None or record.production is None:
         return None
-    created = challenger.manifest.get("created_at")
-    started = datetime.fromisoformat(created).astimezone(timezone.utc) if created else None
-    trial_id = f"{production}-vs-{challenger.version}-{created}"
-    return Trial(deploy.read_routing(store).strategy, production, challenger.version, trial_id, started)
+    started = datetime.fromisoformat(record.trial_started_at) if record.trial_started_at else None
+    return Trial(str(record.strategy), record.production, record.challenger, trial_id_of(record), started)
+
+
+def trial_id_of(record: DeploymentRecord) -> str:
+    """The record's trial id (a record written before trial ids: its pair of versions)."""
+    return record.trial_id or f"{record.production}-vs-{record.challenger}"
+
+
+def end_trial(store: Store, trial: Trial) -> bool:
+    """End `trial` after a `keep` that closes it (a guardrail breach, a significantly worse challenger, the
+    planned end): production serves alone. False when the record already moved on (another trial, a
+    promotion), which is then left alone."""
+
+    def end(record: DeploymentRecord) -> DeploymentRecord:
+        if record.challenger is None or trial_id_of(record) != trial.trial_id:
+            raise DeploymentError(f"trial {trial.trial_id} is no longer the one running")
+        return record.without_challenger()
+
+    try:
+        change_record(store, end)
+    except DeploymentError:
+        return False
+    return True
 
 
 def read_trial_logs(store: Store, trial: Trial, now: datetime | None = None) -> tuple[list[dict], list[dict]]:

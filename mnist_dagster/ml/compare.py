@@ -1,7 +1,7 @@
 """Comparing two models honestly on the same images (McNemar, one-sided), and an interval for an accuracy
 (Wilson). The A/B decision on live traffic is sequential: `lifecycle/sequential.py`.
 
-Plain numpy, scipy and statsmodels; no Dagster. Each result says which test it ran, on what counts, and what it found,
+Plain numpy and scipy; no Dagster. Each result says which test it ran, on what counts, and what it found,
 so the gate's and the A/B report's metadata can show a person the reasoning, not just a verdict.
 """
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.proportion import proportion_confint
 
 
 MCNEMAR_ONE_SIDED = (
@@ -76,9 +75,9 @@ def mcnemar_worse_p_value(candidate_only: int, production_only: int) -> float:
 
 
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval for a proportion (statsmodels' `proportion_confint`): sound at small n and
-    near 0 or 1, unlike the normal one."""
+    """The Wilson score interval for a proportion (scipy's `binomtest(...).proportion_ci`): sound at small
+    n and near 0 or 1, unlike the normal one."""
     if trials == 0:
         return (0.0, 1.0)
-    low, high = proportion_confint(successes, trials, alpha=1.0 - confidence, method="wilson")
-    return (max(0.0, float(low)), min(1.0, float(high)))
+    interval = stats.binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
+    return (max(0.0, float(interval.low)), min(1.0, float(interval.high)))

@@ -32,7 +32,7 @@ from typing import Any
 
 from mnist_dagster.layout import FEEDBACK_LANDED_KEY, FEEDBACK_PREFIX, LANDING_PREFIX, PREDICTION_LOG_PREFIX
 from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
-from mnist_dagster.serving.preprocess import InputError
+from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving.service import JSON_TYPE, json_object, media_type
 from mnist_dagster.storage import Store
 
