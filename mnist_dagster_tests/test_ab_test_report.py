@@ -4,6 +4,7 @@ where a promotion moves the aliases, and its Slack alert (through a stand-in for
 
 import time
 import uuid
+from datetime import datetime
 
 import dagster as dg
 import mlflow
@@ -234,6 +235,21 @@ def test_a_guardrail_breach_stops_the_trial_before_any_label(dev_test_resources,
     assert metadata["why"].startswith("trial stopped: error rate: challenger errors 10.00% of 200 requests")
     rows = {row.data["guardrail"]: row.data for row in metadata["guardrails"].records}
     assert rows["error rate"]["breached"] is True and rows["p99 latency"]["breached"] is False
+
+
+def test_the_trial_starts_at_the_records_time_not_at_a_day_boundary(dev_test_resources, instance, store):
+    """Lines of the same versions logged a minute before the challenger went on trial (an earlier trial of
+    the same pair, the same day) are not this trial's."""
+    start_trial(store, "ab_test")
+    started = datetime.fromisoformat(read_record(store).trial_started_at).timestamp()
+    before = served("production", "1", 0, 100) + served("challenger", "2", 100, 0)
+    for record in before:
+        record.time = started - 60
+    write_logs(store, before, labelled(before, labels_of(before[:100]) + labels_of(before[100:])))
+    arm_traffic(store, "production", "1", 50, 0)
+    metadata = report(dev_test_resources, instance)
+    assert metadata["prediction_lines"] == 50 and metadata["production_labelled"] == 50
+    assert metadata["challenger_labelled"] == 0 and metadata["production_accuracy"] == 1.0
 
 
 def test_the_latest_label_for_a_prediction_is_the_one_believed(dev_test_resources, instance, store):

@@ -11,8 +11,8 @@ Only the current trial counts: lines written at or after the record's `trial_sta
 started on), of the production version answered by production and of the challenger version answered by
 the challenger (or, in shadow mode, scored by it beside production).
 
-The unit is the client: a line's `client` (the key the request came with) groups its requests; a line
-without one is its own client. The guardrails read every line of the trial, labelled or not: `status`
+The unit is the client: a line's `client` (a hash of the `X-Client-Key` the request came with) groups its
+requests; a line without one is its own client. The guardrails read every line of the trial, labelled or not: `status`
 >= 500 or an `error` counts as an error, `latency_ms` feeds the p99; lines without them count as answered
 and untimed.
 """
@@ -28,6 +28,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
+from mnist_dagster.lifecycle.record import DeploymentError, DeploymentRecord, change_record, read_record
 from mnist_dagster.lifecycle.sequential import (
     ArmCounts,
     ArmServing,
@@ -38,7 +39,6 @@ from mnist_dagster.lifecycle.sequential import (
     rule_text,
 )
 from mnist_dagster.ml.compare import wilson_interval
-from mnist_dagster.lifecycle.record import DeploymentError, DeploymentRecord, change_record, read_record
 from mnist_dagster.serving.feedback import latest_labels
 from mnist_dagster.serving.jsonl import read_json_lines
 from mnist_dagster.storage import Store
