@@ -12,7 +12,6 @@ from pydantic import Field
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.deployment_ops import announce_production
 from mnist_dagster.assets.metadata import png_markdown, table
-from mnist_dagster.lifecycle import ab_report
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
@@ -20,7 +19,6 @@ from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.layout import DEPLOYMENT_KEY
 from mnist_dagster.lifecycle import check, deploy
 from mnist_dagster.lifecycle.record import read_record
-from mnist_dagster.lifecycle.sequential import Plan
 from mnist_dagster.scoring import bundle
 from mnist_dagster.scoring.batch import InboxPlan, commit_shards, plan_shards, score_inbox, score_shard
 
@@ -247,7 +245,8 @@ def _check_live_server(context, url: str, version: str, images, digits, config: 
 
 
 class AbTestConfig(dg.Config):
-    """The trial's design (`lifecycle.sequential.Plan`): fixed before it starts, so no look can bend it."""
+    """The trial's design (`lifecycle.sequential.Plan`, the same names): fixed before it starts, so no look
+    can bend it."""
 
     alpha: float = Field(0.05, gt=0.0, lt=1.0)  # one-sided: the chance of ever promoting a challenger no better
     max_labelled: int = Field(60_000, ge=1)  # planned labelled requests: information fraction = labelled / this
@@ -256,9 +255,6 @@ class AbTestConfig(dg.Config):
     guardrail_alpha: float = Field(0.05, gt=0.0, lt=1.0)  # error-rate guardrail (always-valid, one-sided)
     latency_ratio: float = Field(1.5, gt=1.0)  # p99 guardrail: breach above this many times production's p99
     auto_promote: bool = False  # on `promote`, make the challenger production (endpoint and MLflow alias too)
-
-    def plan(self) -> Plan:
-        return Plan(**self.model_dump(exclude={"auto_promote"}))  # the same names, one for one
 
 
 AB_TEST_REPORT = dg.AssetKey("ab_test_report")
@@ -282,6 +278,8 @@ def ab_test_report(
     With `auto_promote`, a `promote` makes the challenger production at once: store, endpoint, MLflow
     aliases. No trial, no traffic or no feedback is a quick successful run that says so.
     """
+    from mnist_dagster.lifecycle import ab_report  # scipy (seconds to import): kept off the code location's load
+
     store = storage.open()
     trial = ab_report.current_trial(store)
     if trial is None:
@@ -293,7 +291,8 @@ def ab_test_report(
     if previous is not None and previous["trial_over"].value:
         return _after_the_end(context, store, mlflow, config, previous, looks)
     predictions, feedback = ab_report.read_trial_logs(store, trial)
-    report = ab_report.build_report(predictions, feedback, trial, config.plan(), looks)
+    plan = ab_report.Plan(**config.model_dump(exclude={"auto_promote"}))
+    report = ab_report.build_report(predictions, feedback, trial, plan, looks)
     context.log.info(f"{report.decision.verdict}: {report.decision.reason}")
     promoted = config.auto_promote and report.decision.verdict == "promote"
     if promoted:
@@ -301,7 +300,8 @@ def ab_test_report(
     ended = report.decision.trial_over and report.decision.verdict == "keep" and ab_report.end_trial(store, trial)
     if ended:
         context.log.info(f"Trial {trial.trial_id} ended ({report.decision.finding}): production serves alone")
-    return dg.MaterializeResult(metadata={**_ab_metadata(report, config, promoted), "trial_ended": ended})
+    metadata = _ab_metadata(ab_report.summary(report, plan), config)
+    return dg.MaterializeResult(metadata={**metadata, "promoted": promoted, "trial_ended": ended})
 
 
 def _previous_report(instance: dg.DagsterInstance, trial_id: str) -> dict | None:
@@ -335,12 +335,10 @@ def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, s
     context.log.info(f"Challenger version {promoted} promoted to production (was {previous})")
 
 
-def _ab_metadata(report, config: AbTestConfig, promoted: bool) -> dict:
+def _ab_metadata(summary: dict, config: AbTestConfig) -> dict:
     """What a person reads on the asset page (`ab_report.summary`), with the arms and guardrails as tables."""
-    rows = [report.production.row(), report.challenger.row()]
+    arms, guardrails = summary["arms"], summary["guardrails"]
     return {
-        **ab_report.summary(report, config.plan()),
-        "arms": table(rows, list(rows[0])),
-        "guardrails": table(ab_report.guardrail_rows(report.decision), ["guardrail", "breached", "detail"]),
-        "promoted": promoted, "auto_promote": config.auto_promote,
+        **summary, "arms": table(arms, list(arms[0])),
+        "guardrails": table(guardrails, ["guardrail", "breached", "detail"]), "auto_promote": config.auto_promote,
     }  # fmt: skip

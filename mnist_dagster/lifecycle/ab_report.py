@@ -267,9 +267,9 @@ def shadow_agreement(lines: Iterable[dict], trial: Trial) -> tuple[float | None,
 
 
 def summary(report: Report, plan: Plan) -> dict:
-    """The report as flat values a person reads: the trial, the decision with its sequential bookkeeping
-    (test, looks, alpha spent, boundary), per arm labelled requests, clients and requests served, the
-    guardrails, and the rule in words."""
+    """The report as values a person reads: the trial, the decision with its sequential bookkeeping (test,
+    looks, alpha spent, boundary), per arm labelled requests, clients and requests served, the guardrails,
+    and the rule in words; `arms` and `guardrails` are lists of table rows."""
     trial, decision, production, challenger = report.trial, report.decision, report.production, report.challenger
     metadata = {
         "decision": decision.verdict, "finding": decision.finding, "why": decision.reason,
@@ -287,6 +287,7 @@ def summary(report: Report, plan: Plan) -> dict:
         "production_clients": production.counts.clients, "challenger_clients": challenger.counts.clients,
         "production_requests": production.served.requests, "challenger_requests": challenger.served.requests,
         "prediction_lines": report.predictions, "feedback_lines": report.feedback,
+        "arms": [production.row(), challenger.row()], "guardrails": guardrail_rows(decision),
     }  # fmt: skip
     if trial.strategy == "shadow":
         metadata["agreement_rate"] = _figure(report.agreement)
