@@ -31,6 +31,10 @@ PREDICTIONS_PREFIX = "predictions"
 PREDICTION_LOG_PREFIX = "prediction_log"
 FEEDBACK_PREFIX = "feedback"
 MONITORING_PREFIX = "monitoring"
+SCORED_PREFIX = f"{PREDICTIONS_PREFIX}/scored"  # the nightly batch's predictions, Hive-style partitions
+REJECTED_PREFIX = f"{PREDICTIONS_PREFIX}/rejected"  # and the inputs it refused, with why
+INBOX_LEDGER_KEY = f"{PREDICTIONS_PREFIX}/ledger.json"  # every inbox file already scored, by content
+FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"  # labelled batches made from client feedback
 DRIFT_CURSOR_KEY = f"{MONITORING_PREFIX}/prediction-drift-cursor.json"
 FEEDBACK_LANDED_KEY = f"{MONITORING_PREFIX}/feedback-landed.json"
 

@@ -12,7 +12,6 @@ import pytest
 
 from mnist_dagster.layout import INBOX_PREFIX
 from mnist_dagster.lifecycle import deploy
-from mnist_dagster.scoring import bundle
 from mnist_dagster.scoring.batch import LEDGER_KEY
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import generated_digits, pipeline_assets_and_checks

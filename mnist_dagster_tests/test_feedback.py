@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from mnist_dagster.lifecycle import deploy
-from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.feedback import FeedbackRecord, IssuedPredictions, read_feedback
 from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
 from mnist_dagster.storage import LocalStore

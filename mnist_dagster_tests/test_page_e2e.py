@@ -18,7 +18,6 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from mnist_dagster.ml.data import MNIST_FILES
 from mnist_dagster.lifecycle import deploy
-from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.feedback import read_feedback
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, real_model, running_server

@@ -10,7 +10,6 @@ import pytest
 from mnist_dagster.layout import DEPLOYMENT_KEY, drift_reference_key
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.ml.drift import DriftReference
-from mnist_dagster.scoring import bundle
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
 
@@ -99,7 +98,7 @@ def test_gate_keeps_previous_model_when_candidate_is_below_threshold(dev_test_re
     assert store.read_bytes(DEPLOYMENT_KEY) == record_before
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == first
-    assert json.loads(pointer_before)["version"] == first
+    assert read_record(store).production == first
 
 
 TRAINING = ["raw_mnist_data", "processed_mnist_data", "digit_classifier"]

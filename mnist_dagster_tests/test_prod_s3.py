@@ -5,7 +5,6 @@ Also: a prod setting that is missing or wrong fails with a message naming the va
 """
 
 import io
-import json
 
 import dagster as dg
 import mlflow

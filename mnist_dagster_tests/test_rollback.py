@@ -3,7 +3,6 @@ running server answers with it within seconds and without a restart, the MLflow 
 follow, and Slack hears it once; a version that does not exist or a corrupted bundle fails clearly and
 changes nothing."""
 
-import time
 
 import dagster as dg
 import httpx

@@ -22,7 +22,7 @@ from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.prediction_log import read_prediction_log
 from mnist_dagster.scoring.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.serving_support import running_server, untrained_bundle
+from mnist_dagster_tests.serving_support import running_server
 from mnist_dagster_tests.support import generated_digits, wait_for
 
 

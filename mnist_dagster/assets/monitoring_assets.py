@@ -13,13 +13,12 @@ from typing import Any
 import dagster as dg
 
 from mnist_dagster.assets.metadata import png_markdown, table
-from mnist_dagster.layout import DRIFT_CURSOR_KEY, PREDICTIONS_PREFIX, drift_reference_key
+from mnist_dagster.layout import DRIFT_CURSOR_KEY, SCORED_PREFIX, drift_reference_key
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.storage import Store
 
 DRIFT_CHECK = "no_prediction_drift"
-SCORED_PREFIX = f"{PREDICTIONS_PREFIX}/scored"
 STATISTIC_COLUMNS = ["statistic", "test", "value", "p_value", "moderate", "severe", "severity", "reference", "current"]
 WHY_THRESHOLDS = (
     "A statistic alarms when its effect size passes the threshold AND its test gives p < alpha. Defaults "

@@ -41,12 +41,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from mnist_dagster.layout import INBOX_PREFIX, PREDICTIONS_PREFIX
+from mnist_dagster.layout import INBOX_LEDGER_KEY, INBOX_PREFIX, REJECTED_PREFIX, SCORED_PREFIX
 from mnist_dagster.scoring.bundle import Predictor
 from mnist_dagster.scoring.preprocess import MNIST_SIDE, InputError, mnist_format_many, prepare_upload
 from mnist_dagster.storage import Store, StoredObject
 
-LEDGER_KEY = f"{PREDICTIONS_PREFIX}/ledger.json"
+LEDGER_KEY = INBOX_LEDGER_KEY
 LEDGER_FORMAT = "mnist-dagster/inbox-ledger-v1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_SUFFIX = ".npz"
@@ -170,10 +170,10 @@ def score_inputs(
     result = BatchResult(predictions, rejected_frame, pixels, 0, len(new_inputs), 0.0)
     partition = f"date={now.strftime('%Y-%m-%d')}/{part or run_id}.parquet"
     if len(predictions):
-        result.predictions_key = f"{PREDICTIONS_PREFIX}/scored/{partition}"
+        result.predictions_key = f"{SCORED_PREFIX}/{partition}"
         store.write_bytes(result.predictions_key, predictions.to_parquet(index=False))
     if len(rejected_frame):
-        result.rejected_key = f"{PREDICTIONS_PREFIX}/rejected/{partition}"
+        result.rejected_key = f"{REJECTED_PREFIX}/{partition}"
         store.write_bytes(result.rejected_key, rejected_frame.to_parquet(index=False))
     result.seconds = time.perf_counter() - started
     return result
