@@ -1,18 +1,19 @@
 """`ab_test_report` on constructed live traffic: prediction and feedback logs written to a real store folder
-by the serving side's own writers, a trial set up with `serving.deploy`, the real asset, a real MLflow store
+by the serving side's own writers, a trial set up with `lifecycle.deploy`, the real asset, a real MLflow store
 where a promotion moves the aliases, and its Slack alert (through a stand-in for Slack on 127.0.0.1)."""
 
 import time
 import uuid
+from datetime import datetime
 
 import dagster as dg
 import mlflow
 import numpy as np
 import pytest
 from scipy import stats
+from statsmodels.stats.proportion import proportions_ztest
 
 from mnist_dagster.assets.prediction_assets import ab_test_report
-from mnist_dagster.ml.compare import two_proportion_test
 from mnist_dagster.sensors.ml_sensors import slack_on_ab_test_decision
 from mnist_dagster.lifecycle import deploy
 from mnist_dagster.lifecycle.record import Routing, Strategy, read_record
@@ -98,6 +99,9 @@ def metadata_of(materialization) -> dict:
 
 # ----- decisions -----------------------------------------------------------------------------------
 
+#: A trial planned for 400 labelled requests: 200 per arm is its end (t = 1), where the boundary is 1.96.
+SMALL_TRIAL = {"max_labelled": 400}
+
 
 def test_no_trial_is_a_quick_success_that_says_so(dev_test_resources, instance, store):
     deploy.make_production(store, bundle.make_bundle("1", b"onnx"), "test")
@@ -106,18 +110,20 @@ def test_no_trial_is_a_quick_success_that_says_so(dev_test_resources, instance, 
     assert "nothing to compare" in metadata["status"]
 
 
-def test_a_trial_without_traffic_or_feedback_needs_more_data_and_says_why(dev_test_resources, instance, store):
+def test_a_trial_without_traffic_or_feedback_needs_more_data_and_counts_its_looks(dev_test_resources, instance, store):
     start_trial(store, "ab_test")
     metadata = report(dev_test_resources, instance)
     assert metadata["decision"] == "need_more_data" and metadata["promoted"] is False
     assert metadata["status"] == "no predictions logged since the trial started: nothing to judge yet"
     assert metadata["production_labelled"] == metadata["challenger_labelled"] == 0
     assert metadata["p_value"] == "not computed (too few labels)"
+    assert metadata["looks"] == 1 and metadata["alpha_spent"] == 0.0 and metadata["trial_over"] is False
 
     arm_traffic(store, "production", "1", 190, 10, labelled_count=0)  # traffic, but nobody sent a label
     metadata = report(dev_test_resources, instance)
     assert metadata["status"] == "no feedback sent since the trial started: nothing to judge yet"
     assert metadata["prediction_lines"] == 200 and metadata["feedback_lines"] == 0
+    assert metadata["looks"] == 2 and metadata["production_requests"] == 200  # served, labelled or not
 
 
 def test_below_the_minimum_in_either_arm_it_needs_more_data(dev_test_resources, instance, store):
@@ -126,55 +132,124 @@ def test_below_the_minimum_in_either_arm_it_needs_more_data(dev_test_resources, 
     challenger = arm_traffic(store, "challenger", "2", 199, 0)
     metadata = report(dev_test_resources, instance)
     assert metadata["decision"] == "need_more_data"
-    assert metadata["why"] == "challenger has 199 of the 200 labelled predictions needed per arm"
-    assert "need_more_data while either arm has fewer than 200 labelled predictions" in metadata["rule"]
+    assert metadata["why"] == "challenger has 199 of the 200 labelled requests needed"
+    assert "need_more_data while an arm has fewer than 200 labelled requests" in metadata["rule"]
 
     write_logs(store, [], labelled(challenger[:5], labels_of(challenger)[:5]))  # the same labels again: still 199
     assert report(dev_test_resources, instance)["challenger_labelled"] == 199
-    assert report(dev_test_resources, instance, min_labelled_per_arm=199)["decision"] == "promote"
+    done = report(dev_test_resources, instance, min_labelled_per_arm=199, max_labelled=699)
+    assert done["decision"] == "promote"
 
 
-def test_ab_test_promotes_a_significantly_better_challenger_by_the_two_proportion_test(
-    dev_test_resources, instance, store
-):
+def test_a_lead_that_would_pass_a_fixed_test_waits_early_in_a_long_trial(dev_test_resources, instance, store):
+    """85% against 97% on 200 requests each: z = 4.2, far past a fixed test, but 400 of a planned 60,000
+    labelled requests is t = 0.0067, where the O'Brien-Fleming boundary is 24."""
+    start_trial(store, "ab_test")
+    arm_traffic(store, "production", "1", 170, 30)
+    arm_traffic(store, "challenger", "2", 194, 6)
+    metadata = report(dev_test_resources, instance)
+    assert metadata["decision"] == "need_more_data" and metadata["finding"] == "no decision yet"
+    assert metadata["z"] == pytest.approx(4.19, abs=0.01) and metadata["boundary_z"] == pytest.approx(24.0, abs=0.1)
+    assert metadata["information_fraction"] == pytest.approx(400 / 60_000, abs=1e-4)
+    assert metadata["alpha_spent"] < 1e-12 and metadata["trial_over"] is False
+
+
+def test_ab_test_promotes_a_better_challenger_at_the_boundary_and_says_how(dev_test_resources, instance, store):
     start_trial(store, "ab_test")
     arm_traffic(store, "production", "1", 170, 30)  # 85%
     arm_traffic(store, "challenger", "2", 194, 6)  # 97%
     arm_traffic(store, "production", "0", 0, 300)  # an older production's lines: not this trial's
     arm_traffic(store, "challenger", "7", 0, 300)  # an earlier challenger's
-    metadata = report(dev_test_resources, instance)
+    metadata = report(dev_test_resources, instance, **SMALL_TRIAL)
 
-    expected = two_proportion_test(170, 200, 194, 200)
+    z, p_value = proportions_ztest([194, 170], [200, 200], alternative="larger")  # pooled, one-sided
     assert metadata["decision"] == "promote" and metadata["finding"] == "challenger better"
-    assert metadata["p_value"] == pytest.approx(expected.p_value) and expected.p_value < 0.001
-    assert metadata["test"].startswith("two-sided two-proportion z-test")
+    assert metadata["z"] == pytest.approx(z, rel=1e-3) and metadata["p_value"] == pytest.approx(p_value, rel=1e-3)
+    assert metadata["boundary_z"] == pytest.approx(1.96, abs=0.01) and metadata["alpha_spent"] == pytest.approx(0.05)
+    assert metadata["test"].startswith("one-sided group-sequential") and "O'Brien-Fleming" in metadata["test"]
     assert (metadata["production_accuracy"], metadata["challenger_accuracy"]) == (0.85, 0.97)
     assert (metadata["production_labelled"], metadata["challenger_labelled"]) == (200, 200)
-    assert metadata["why"].startswith("challenger 97.00% (n=200) against production 85.00% (n=200)")
+    assert (metadata["production_clients"], metadata["challenger_clients"]) == (200, 200)  # no keys: one each
+    assert metadata["why"].startswith("challenger 97.00% (200 requests, 200 clients) against production 85.00%")
+    assert metadata["trial_id"] and metadata["trial_started_at"] != "unknown" and metadata["trial_over"] is True
     rows = {row.data["arm"]: row.data for row in metadata["arms"].records}
-    assert rows["challenger"]["model_version"] == "2"
+    assert rows["challenger"]["model_version"] == "2" and rows["challenger"]["clients"] == 200
     assert rows["challenger"]["ci95_low"] < 0.97 < rows["challenger"]["ci95_high"]  # a 95% Wilson interval
     assert metadata["promoted"] is False  # auto_promote is off by default: the report only says so
     assert read_record(store).strategy == "ab_test" and read_record(store).production == "1"
+
+
+def test_clients_are_the_unit_in_the_report(dev_test_resources, instance, store):
+    """The challenger's lead comes from 4 clients who differ a lot from one another: counted per request
+    it would promote; per client it is not significant."""
+    start_trial(store, "ab_test")
+    arm_traffic(store, "production", "1", 170, 30)
+    keyed = []
+    for client, (right, wrong) in enumerate([(50, 0), (50, 0), (40, 10), (49, 1)]):
+        records = served("challenger", "2", right, wrong)
+        for record in records:
+            record.client = f"client-{client}"
+        keyed += records
+    write_logs(store, keyed, labelled(keyed, [i % 10 for n in (50, 50, 50, 50) for i in range(n)]))
+    metadata = report(dev_test_resources, instance, **SMALL_TRIAL)
+    assert (metadata["challenger_labelled"], metadata["challenger_clients"]) == (200, 4)
+    assert metadata["challenger_accuracy"] == 0.945 and metadata["decision"] == "keep"
+    assert proportions_ztest([189, 170], [200, 200], alternative="larger")[0] > 1.96  # as requests: "promote"
 
 
 def test_ab_test_keeps_production_against_a_significantly_worse_challenger(dev_test_resources, instance, store):
     start_trial(store, "ab_test")
     arm_traffic(store, "production", "1", 190, 10)
     arm_traffic(store, "challenger", "2", 160, 40)
-    metadata = report(dev_test_resources, instance, auto_promote=True)
+    metadata = report(dev_test_resources, instance, auto_promote=True, **SMALL_TRIAL)
     assert metadata["decision"] == "keep" and metadata["finding"] == "challenger significantly worse"
-    assert metadata["p_value"] < 0.05 and metadata["promoted"] is False
-    assert read_record(store).production == "1" and deploy.current_challenger(store).version == "2"
+    assert metadata["z"] < -metadata["boundary_z"] and metadata["promoted"] is False
+    assert metadata["trial_ended"] is True  # a keep that closes the trial ends it: production serves alone
+    assert read_record(store).production == "1" and deploy.current_challenger(store) is None
 
 
-def test_ab_test_keeps_production_without_a_significant_difference(dev_test_resources, instance, store):
+def test_no_difference_by_the_planned_end_keeps_production_and_ends_the_trial(dev_test_resources, instance, store):
     start_trial(store, "ab_test")
     arm_traffic(store, "production", "1", 180, 20)
     arm_traffic(store, "challenger", "2", 184, 16)
+    metadata = report(dev_test_resources, instance, **SMALL_TRIAL)
+    assert metadata["decision"] == "keep" and metadata["finding"] == "no significant difference by the end"
+    assert metadata["trial_over"] is True and "reached its planned labelled requests" in metadata["why"]
+
+    assert metadata["trial_ended"] is True and deploy.current_challenger(store) is None  # production alone
+    arm_traffic(store, "challenger", "2", 200, 0)  # late traffic of the ended trial: nothing to judge any more
+    assert report(dev_test_resources, instance, **SMALL_TRIAL)["decision"] == "no trial"
+
+
+def test_a_guardrail_breach_stops_the_trial_before_any_label(dev_test_resources, instance, store):
+    start_trial(store, "ab_test")
+    production = served("production", "1", 1_800, 0)
+    failing = served("challenger", "2", 200, 0)
+    for record in failing[:20]:  # 10% of the challenger's answers were server errors
+        record.status = 500
+    write_logs(store, production + failing, [])
     metadata = report(dev_test_resources, instance)
-    assert metadata["decision"] == "keep" and metadata["finding"] == "no significant difference"
-    assert metadata["p_value"] > 0.05 and "not below alpha 0.05" in metadata["why"]
+    assert (metadata["decision"], metadata["finding"]) == ("keep", "guardrail breached")
+    assert metadata["guardrail_breached"] is True and metadata["trial_over"] is metadata["trial_ended"] is True
+    assert read_record(store).challenger is None  # the endpoint stops sending anyone to the challenger
+    assert metadata["why"].startswith("trial stopped: error rate: challenger errors 10.00% of 200 requests")
+    rows = {row.data["guardrail"]: row.data for row in metadata["guardrails"].records}
+    assert rows["error rate"]["breached"] is True and rows["p99 latency"]["breached"] is False
+
+
+def test_the_trial_starts_at_the_records_time_not_at_a_day_boundary(dev_test_resources, instance, store):
+    """Lines of the same versions logged a minute before the challenger went on trial (an earlier trial of
+    the same pair, the same day) are not this trial's."""
+    start_trial(store, "ab_test")
+    started = datetime.fromisoformat(read_record(store).trial_started_at).timestamp()
+    before = served("production", "1", 0, 100) + served("challenger", "2", 100, 0)
+    for record in before:
+        record.time = started - 60
+    write_logs(store, before, labelled(before, labels_of(before[:100]) + labels_of(before[100:])))
+    arm_traffic(store, "production", "1", 50, 0)
+    metadata = report(dev_test_resources, instance)
+    assert metadata["prediction_lines"] == 50 and metadata["production_labelled"] == 50
+    assert metadata["challenger_labelled"] == 0 and metadata["production_accuracy"] == 1.0
 
 
 def test_the_latest_label_for_a_prediction_is_the_one_believed(dev_test_resources, instance, store):
@@ -212,12 +287,13 @@ def test_shadow_uses_mcnemar_on_the_same_requests_and_reports_agreement(dev_test
     feedback = labelled(predictions + no_shadow, labels + labels_of(no_shadow))
     write_logs(store, predictions + unlabelled + no_shadow, feedback)
 
-    metadata = report(dev_test_resources, instance)
+    metadata = report(dev_test_resources, instance, max_labelled=300)  # 300 paired: the planned end
     assert (metadata["production_labelled"], metadata["challenger_labelled"]) == (300, 300)
     assert metadata["production_accuracy"] == pytest.approx(270 / 300, abs=1e-4)
     assert metadata["challenger_accuracy"] == pytest.approx(290 / 300, abs=1e-4)
-    assert metadata["test"].startswith("McNemar's exact test")
-    assert metadata["p_value"] == pytest.approx(stats.binomtest(25, 30, 0.5).pvalue)  # 25 against 5 discordant
+    assert metadata["test"].startswith("one-sided McNemar's exact test")
+    expected = stats.binomtest(25, 30, 0.5, alternative="greater").pvalue  # 25 against 5 discordant
+    assert metadata["p_value"] == pytest.approx(expected, rel=1e-3) and metadata["nominal_level"] == 0.025
     assert metadata["decision"] == "promote" and metadata["finding"] == "challenger better"
     assert metadata["labelled_without_shadow"] == 10 and metadata["shadowed_requests"] == 400
     # they disagree on the 30 discordant requests, and on the 5 both got wrong (label + 1 against label + 2)
@@ -246,7 +322,7 @@ def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_
 
     result = dg.materialize(
         [ab_test_report], resources=dev_test_resources, instance=instance,
-        run_config={"ops": {"ab_test_report": {"config": {"auto_promote": True}}}},
+        run_config={"ops": {"ab_test_report": {"config": {"auto_promote": True, **SMALL_TRIAL}}}},
     )  # fmt: skip
     by_asset = {event.asset_key.to_user_string(): metadata_of(event.materialization)
                 for event in result.get_asset_materialization_events()}  # fmt: skip
@@ -277,24 +353,34 @@ def test_a_decision_is_posted_once_and_again_only_when_it_changes(dev_test_resou
     cursor = tick(instance, resource, None)
     start_trial(store, "ab_test")
     report(dev_test_resources, instance)  # need_more_data: no news
-    arm_traffic(store, "production", "1", 180, 20)
-    arm_traffic(store, "challenger", "2", 184, 16)
-    report(dev_test_resources, instance)  # keep
-    report(dev_test_resources, instance)  # the same keep the next day
+    arm_traffic(store, "production", "1", 170, 30)
+    arm_traffic(store, "challenger", "2", 194, 6)
+    report(dev_test_resources, instance)  # need_more_data early in a long trial: no news either
+    report(dev_test_resources, instance, **SMALL_TRIAL)  # promote at the planned end
+    arm_traffic(store, "production", "1", 200, 0)  # production's late run of luck cannot undo an ended trial
+    again = report(dev_test_resources, instance, **SMALL_TRIAL)
+    assert (again["decision"], again["looks"]) == ("promote", 4) and again["status"].startswith("the trial ended at look 3")
     cursor = tick(instance, resource, cursor)
     cursor = tick(instance, resource, cursor)
-    assert [message["text"].splitlines()[0] for message in stub.delivered] == [
-        ":scales: *A/B test (ab_test): keep production version 1* (no significant difference)"
-    ]
-    assert "challenger 92.00% (n=200) against production 90.00% (n=200); two-sided two-proportion z-test p =" in (
-        stub.delivered[0]["text"]
-    )
-    assert "Challenger version 2 stays on trial." in stub.delivered[0]["text"]
+    assert len(stub.delivered) == 1
+    text = stub.delivered[0]["text"]
+    assert text.startswith(":trophy: *A/B test (ab_test): challenger version 2 beats production version 1*")
+    assert "challenger 97.00% (200 requests, 200 clients) against production 85.00%" in text
+    assert "reached the boundary 1.96" in text and "Not promoted (auto_promote is off)" in text
 
-    arm_traffic(store, "challenger", "2", 200, 0)  # the challenger pulls ahead
+
+def test_a_guardrail_stop_is_posted_with_its_reason(dev_test_resources, instance, store, slack_to_stub):
+    resource, stub = slack_to_stub
+    cursor = tick(instance, resource, None)
+    start_trial(store, "ab_test")
+    failing = served("challenger", "2", 200, 0)
+    for record in failing[:20]:
+        record.status = 503
+    write_logs(store, served("production", "1", 1_800, 0) + failing, [])
     report(dev_test_resources, instance)
     tick(instance, resource, cursor)
-    assert len(stub.delivered) == 2
-    text = stub.delivered[1]["text"]
-    assert text.startswith(":trophy: *A/B test (ab_test): challenger version 2 beats production version 1*")
-    assert "Not promoted (auto_promote is off)" in text and "&lt; alpha 0.05" in text
+    assert len(stub.delivered) == 1
+    text = stub.delivered[0]["text"]
+    assert text.startswith(":scales: *A/B test (ab_test): keep production version 1* (guardrail breached)")
+    assert "trial stopped: error rate: challenger errors 10.00% of 200 requests" in text
+    assert "The trial of challenger version 2 is over: guardrail breached. Production serves alone." in text

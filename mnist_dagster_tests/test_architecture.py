@@ -65,7 +65,7 @@ ROOMS = (
     ),
     Room(
         "serving",
-        ("serving", "scoring", "lifecycle.record", *GROUND),
+        ("serving", "scoring", "lifecycle.record", "lifecycle.assignment", *GROUND),
         (DAGSTER, "torch", "torchvision", "mlflow"),
         why="the HTTP process only: it follows the deployment record and its Routing, never Dagster or the training",
     ),

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
 
-from mnist_dagster.ml.compare import mcnemar_exact, two_proportion_test, wilson_interval
+from mnist_dagster.ml.compare import mcnemar_exact, mcnemar_worse_p_value, wilson_interval
 
 
 def predictions_with(labels: np.ndarray, candidate_only: int, production_only: int, both_wrong: int = 0):
@@ -26,22 +27,38 @@ def test_mcnemar_counts_only_the_discordant_images_and_matches_the_exact_binomia
     assert (result.candidate_only, result.production_only) == (10, 30)
     assert result.candidate_accuracy == pytest.approx(1 - 80 / 1000)
     assert result.production_accuracy == pytest.approx(1 - 60 / 1000)
-    assert result.p_value == pytest.approx(stats.binomtest(10, 40, 0.5).pvalue)
+    # one-sided (is the candidate worse?): the binomial tail of production's 30 of 40 discordant images,
+    # half of statsmodels' two-sided exact McNemar p-value on the same 2x2 table
+    assert result.p_value == pytest.approx(stats.binomtest(30, 40, 0.5, alternative="greater").pvalue)
+    table = [[910, 10], [30, 50]]  # [[both right, candidate only], [production only, both wrong]]
+    two_sided = mcnemar(table, exact=True).pvalue
+    assert result.p_value == pytest.approx(two_sided / 2)
     assert result.p_value < 0.01 and result.significantly_worse(0.05)
+    assert mcnemar_worse_p_value(10, 30) == result.p_value
 
 
 def test_mcnemar_does_not_call_a_small_or_favourable_difference_worse():
     labels = np.arange(10_000) % 10
     equal = mcnemar_exact(labels, *predictions_with(labels, 20, 20))
-    assert equal.p_value == pytest.approx(1.0) and not equal.significantly_worse(0.05)
+    assert equal.p_value == pytest.approx(stats.binomtest(20, 40, 0.5, alternative="greater").pvalue)
+    assert equal.p_value > 0.5 and not equal.significantly_worse(0.05)
     slightly = mcnemar_exact(labels, *predictions_with(labels, 18, 24))  # 6 images in 10,000: noise
     assert slightly.candidate_is_worse and not slightly.significantly_worse(0.05)
     better = mcnemar_exact(labels, *predictions_with(labels, 40, 10))
-    assert better.p_value < 0.05 and not better.significantly_worse(0.05)
+    assert better.p_value > 0.99 and not better.significantly_worse(0.05)  # one-sided: better is never "worse"
     identical = mcnemar_exact(labels, labels, labels)
     assert identical.p_value == 1.0 and (identical.candidate_only, identical.production_only) == (0, 0)
     with pytest.raises(ValueError):
         mcnemar_exact(labels, labels[:5], labels)
+
+
+def test_mcnemar_tests_one_sided_at_the_stated_alpha_not_at_half_of_it():
+    """25 against 40 discordant images: the one-sided p (0.041) refuses at 0.05, where the two-sided p
+    (0.082), compared with alpha, would have tested at 0.025 and let the worse candidate through."""
+    labels = np.arange(10_000) % 10
+    result = mcnemar_exact(labels, *predictions_with(labels, candidate_only=25, production_only=40))
+    assert result.p_value == pytest.approx(0.0408, abs=1e-4) and result.significantly_worse(0.05)
+    assert stats.binomtest(40, 65, 0.5).pvalue > 0.05  # the two-sided p the gate used to compare with alpha
 
 
 def test_wilson_interval_known_values_and_edges():
@@ -51,14 +68,3 @@ def test_wilson_interval_known_values_and_edges():
     assert (round(low, 3), round(high, 3)) == (0.722, 0.875)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-def test_two_proportion_test_against_the_textbook_formula():
-    result = two_proportion_test(900, 1000, 950, 1000)
-    pooled = 1850 / 2000
-    z = 0.05 / np.sqrt(pooled * (1 - pooled) * (2 / 1000))
-    assert result.z == pytest.approx(z) and result.p_value == pytest.approx(2 * stats.norm.sf(z))
-    assert result.difference == pytest.approx(0.05) and result.p_value < 0.001
-    assert two_proportion_test(50, 50, 30, 30).p_value == 1.0
-    with pytest.raises(ValueError):
-        two_proportion_test(0, 0, 1, 1)

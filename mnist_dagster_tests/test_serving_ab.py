@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mnist_dagster.layout import DEPLOYMENT_KEY
+from mnist_dagster.lifecycle.assignment import client_tag
 from mnist_dagster.lifecycle import deploy
 from mnist_dagster.lifecycle.record import Routing, Strategy, change_record, read_record
 from mnist_dagster.scoring import bundle
@@ -127,6 +128,8 @@ def test_ab_test_same_key_same_arm_and_keyless_traffic_near_the_share(server):
             ).json()["predictions"]
             assert {(p["arm"], p["model_version"]) for p in batch} == {(arm, version)}
             assert len({p["prediction_id"] for p in batch}) == 5
+            lines = logged_lines(server.store, {a["prediction_id"] for a in answers[:10] + batch})
+            assert {line["client"] for line in lines.values()} == {client_tag(key)}  # the A/B report's unit
         keyless = [post_png(client, PNGS[i % len(PNGS)])["arm"] for i in range(400)]
     share = keyless.count("challenger") / len(keyless)
     assert 0.04 <= share <= 0.17, share  # 400 draws at 0.1: sd 1.5 points; these bounds are over 4 sd
@@ -150,6 +153,26 @@ def test_the_router_splits_10000_requests_within_a_point_and_a_half_of_the_share
     assert router.choose("anyone").arm == "production" and router.choose(None).shadow is None
 
 
+def test_the_arm_hash_is_sticky_within_a_trial_and_drawn_afresh_for_each_trial():
+    """Through the Router: a client keeps its arm for the whole trial; the next trial (a new id, the salt)
+    draws its audience independently, so two trials agree on a client's arm with probability
+    share^2 + (1 - share)^2 (0.82 at 0.1), not 1, and share 0.1 clients see both challengers 1% of the time."""
+    production = LoadedModel(SimpleNamespace(version="1"), "t0")
+    challenger = LoadedModel(SimpleNamespace(version="2"), "t0")
+    keys = [f"user-{i}" for i in range(20_000)]
+
+    def audience(trial_id: str) -> np.ndarray:
+        deployment = Deployment(production, challenger, Routing(Strategy.ab_test, 0.1), trial_id)
+        router = Router(SimpleNamespace(current=deployment))
+        return np.array([router.choose(key).arm == "challenger" for key in keys])
+
+    first, again, second = audience("trial-a"), audience("trial-a"), audience("trial-b")
+    assert (first == again).all()
+    assert abs(first.mean() - 0.1) <= 0.01 and abs(second.mean() - 0.1) <= 0.01
+    assert abs((first == second).mean() - (0.1**2 + 0.9**2)) <= 0.01
+    assert abs((first & second).mean() - 0.01) <= 0.003
+
+
 def test_shadow_answers_from_production_and_logs_the_challengers_digit(server, challenger):
     set_routing(server, "shadow")
     images, _ = generated_digits(30, seed=11)
@@ -160,9 +183,10 @@ def test_shadow_answers_from_production_and_logs_the_challengers_digit(server, c
     assert {(a["arm"], a["model_version"]) for a in answers} == {("production", "1")}
     lines = logged_lines(server.store, {a["prediction_id"] for a in answers})
     expected = bundle.Predictor(challenger).predict_proba(np.concatenate([images, images[:8]])[:, None] / 255)
-    for answer, challenger_digit in zip(answers, expected.argmax(axis=1)):
+    for index, (answer, challenger_digit) in enumerate(zip(answers, expected.argmax(axis=1))):
         line = lines[answer["prediction_id"]]
-        assert set(line) == LINE_KEYS | {"shadow_digit", "shadow_version"}
+        keyed = {"client"} if index < len(images) else set()  # the PNGs came with a client key, the batch without
+        assert set(line) == LINE_KEYS | {"shadow_digit", "shadow_version"} | keyed
         assert (line["arm"], line["model_version"], line["digit"]) == ("production", "1", answer["digit"])
         assert (line["shadow_version"], line["shadow_digit"]) == ("2", int(challenger_digit))
     assert any(line["shadow_digit"] != line["digit"] for line in lines.values())  # really the challenger's answers

@@ -200,7 +200,7 @@ def _metrics_metadata(metrics: dict) -> dict:
 
 def _compare_with_production(storage: StorageResource, candidate_onnx: bytes, processed: dict) -> dict | None:
     """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts."""
-    from mnist_dagster.ml.compare import mcnemar_exact
+    from mnist_dagster.ml.compare import MCNEMAR_ONE_SIDED, mcnemar_exact
 
     production = deploy.production_bundle(storage.open())
     if production is None:
@@ -216,13 +216,13 @@ def _compare_with_production(storage: StorageResource, candidate_onnx: bytes, pr
         "candidate_right_production_wrong": result.candidate_only,
         "production_right_candidate_wrong": result.production_only,
         "mcnemar_p_value": result.p_value,
-        "test": "McNemar's exact test (two-sided binomial on the discordant images)",
+        "test": MCNEMAR_ONE_SIDED,
     }
 
 
 class DeploymentConfig(dg.Config):
     accuracy_threshold: float = 0.95  # deploy only if test accuracy is strictly above this
-    alpha: float = 0.05  # refuse a candidate significantly worse than production at this level (McNemar)
+    alpha: float = 0.05  # refuse a candidate significantly worse than production at this level (one-sided McNemar)
     strategy: Strategy = Strategy.replace  # how a candidate that passes is deployed
     challenger_traffic: float = Field(0.1, ge=0.0, le=1.0)  # ab_test: the share of requests the challenger answers
     probability_tolerance: float = 1e-4  # serving-path check: allowed gap between served and model probabilities
@@ -246,7 +246,7 @@ def production_digit_classifier(
     """The model every prediction path uses, changed only by a candidate that passes the gate.
 
     The gate: test accuracy above `accuracy_threshold`, not significantly worse than the production
-    model on the same 10k test images (McNemar's exact test at `alpha`; the first model needs only the
+    model on the same 10k test images (McNemar's exact test, one-sided, at `alpha`; the first model needs only the
     threshold), and the serving-path check: held-out images sent the way clients send them must get the
     model's own answers. A refusal is a successful run that says why; production stays. A candidate that
     passes becomes a new registry version and, by `strategy`, production (`replace`: the bundle first, the
@@ -356,16 +356,25 @@ def _refusal(accuracy: float, comparison: dict | None, production: str | None, c
         )
     if comparison is None:
         return None
-    worse = comparison["production_right_candidate_wrong"] > comparison["candidate_right_production_wrong"]
-    if worse and comparison["mcnemar_p_value"] < config.alpha:
+    p_value = _worse_p_value(comparison)
+    if p_value <= config.alpha:
         return (
             f"significantly worse than production version {production} on the same test images "
             f"({100 * comparison['candidate_test_accuracy']:.2f}% against {100 * comparison['production_test_accuracy']:.2f}%): "
             f"production alone was right on {comparison['production_right_candidate_wrong']} images, the candidate alone "
-            f"on {comparison['candidate_right_production_wrong']}; McNemar's exact test p = {comparison['mcnemar_p_value']:.3g} "
-            f"< alpha {config.alpha}"
+            f"on {comparison['candidate_right_production_wrong']}; McNemar's exact test p = {p_value:.3g} "
+            f"(one-sided: is the candidate worse?) <= alpha {config.alpha}"
         )
     return None
+
+
+def _worse_p_value(comparison: dict) -> float:
+    """The one-sided p-value, recomputed from the counts: an evaluation stored before the gate became
+    one-sided carries a two-sided `mcnemar_p_value`, which would test at alpha / 2."""
+    from mnist_dagster.ml.compare import mcnemar_worse_p_value  # scipy: kept off the code location's load
+
+    counts = comparison["candidate_right_production_wrong"], comparison["production_right_candidate_wrong"]
+    return mcnemar_worse_p_value(*counts)
 
 
 def _passed(accuracy: float, comparison: dict | None, config: DeploymentConfig) -> str:
@@ -373,15 +382,21 @@ def _passed(accuracy: float, comparison: dict | None, config: DeploymentConfig) 
         return f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}; no production model to compare with"
     return (
         f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}, and not significantly worse than "
-        f"production version {comparison['production_version']} (McNemar's exact test p = {comparison['mcnemar_p_value']:.3g}, "
-        f"alpha {config.alpha}: the candidate alone right on {comparison['candidate_right_production_wrong']} images, "
-        f"production alone on {comparison['production_right_candidate_wrong']})"
+        f"production version {comparison['production_version']} (McNemar's exact test, one-sided, p = "
+        f"{_worse_p_value(comparison):.3g} > alpha {config.alpha}: the candidate alone right on "
+        f"{comparison['candidate_right_production_wrong']} images, production alone on "
+        f"{comparison['production_right_candidate_wrong']})"
     )
 
 
 def _comparison_metadata(comparison: dict | None) -> dict:
+    """The comparison as the gate judged it: the counts, and the one-sided p-value and its test by name."""
+    from mnist_dagster.ml.compare import MCNEMAR_ONE_SIDED  # scipy: kept off the code location's load
+
     if comparison is None:
         return {"production_test_accuracy": "no production model yet"}
-    keys = ("production_version", "production_test_accuracy", "candidate_right_production_wrong",
-            "production_right_candidate_wrong", "mcnemar_p_value")  # fmt: skip
-    return {"compared_with": comparison["production_version"], **{key: comparison[key] for key in keys[1:]}}
+    keys = ("production_test_accuracy", "candidate_right_production_wrong", "production_right_candidate_wrong")
+    return {
+        "compared_with": comparison["production_version"], **{key: comparison[key] for key in keys},
+        "mcnemar_p_value": _worse_p_value(comparison), "gate_test": MCNEMAR_ONE_SIDED,
+    }  # fmt: skip

@@ -12,8 +12,6 @@ from pydantic import Field
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.deployment_ops import announce_production
 from mnist_dagster.assets.metadata import png_markdown, table
-from mnist_dagster.lifecycle import ab_report
-from mnist_dagster.lifecycle.ab_report import rule_text
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
@@ -248,9 +246,19 @@ def _check_live_server(context, url: str, version: str, images, digits, config: 
 
 
 class AbTestConfig(dg.Config):
-    min_labelled_per_arm: int = Field(200, ge=1)  # below this many labelled predictions in either arm: need_more_data
-    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # promote only when the challenger is better at this significance
+    """The trial's design (`lifecycle.sequential.Plan`, the same names): fixed before it starts, so no look
+    can bend it."""
+
+    alpha: float = Field(0.05, gt=0.0, lt=1.0)  # one-sided: the chance of ever promoting a challenger no better
+    max_labelled: int = Field(60_000, ge=1)  # planned labelled requests: information fraction = labelled / this
+    max_days: float = Field(30.0, gt=0.0)  # the trial ends by then: keep, unless promoted before
+    min_labelled_per_arm: int = Field(200, ge=1)  # below this many labelled requests in either arm: need_more_data
+    guardrail_alpha: float = Field(0.05, gt=0.0, lt=1.0)  # error-rate guardrail (always-valid, one-sided)
+    latency_ratio: float = Field(1.5, gt=1.0)  # p99 guardrail: breach above this many times production's p99
     auto_promote: bool = False  # on `promote`, make the challenger production (endpoint and MLflow alias too)
+
+
+AB_TEST_REPORT = dg.AssetKey("ab_test_report")
 
 
 @dg.asset(
@@ -262,70 +270,76 @@ class AbTestConfig(dg.Config):
 def ab_test_report(
     context: dg.AssetExecutionContext, config: AbTestConfig, storage: StorageResource, mlflow: MlflowTracking
 ) -> dg.MaterializeResult:
-    """Champion vs challenger on live traffic: the endpoint's predictions joined with the labels clients
-    sent back (`POST /feedback`; the latest label for a prediction wins), per arm, for the trial running
-    now, and the decision: `promote`, `keep` or `need_more_data` (the rule is in the metadata, in words).
+    """Champion vs challenger on live traffic, read as often as anyone likes: the trial's predictions since
+    the challenger was published, joined with the labels clients sent back, counted per client, and a
+    one-sided group-sequential decision (O'Brien-Fleming spending, valid at any number of looks):
+    `promote`, `keep` (significantly worse, no difference by the planned end, or a guardrail breached) or
+    `need_more_data`. The metadata names the test, the looks so far, the alpha spent and the boundary.
 
     With `auto_promote`, a `promote` makes the challenger production at once: store, endpoint, MLflow
     aliases. No trial, no traffic or no feedback is a quick successful run that says so.
     """
+    from mnist_dagster.lifecycle import ab_report  # scipy (seconds to import): kept off the code location's load
+
     store = storage.open()
     trial = ab_report.current_trial(store)
     if trial is None:
         status = "no trial running: production serves alone (routing replace), so there is nothing to compare"
         context.log.info(status)
         return dg.MaterializeResult(metadata={"decision": "no trial", "status": status, "promoted": False})
+    previous = _previous_report(context.instance, trial.trial_id)
+    looks = int(previous["looks"].value) + 1 if previous else 1
+    if previous is not None and previous["trial_over"].value:
+        return _after_the_end(context, store, mlflow, config, previous, looks)
     predictions, feedback = ab_report.read_trial_logs(store, trial)
-    report = ab_report.build_report(predictions, feedback, trial, config.min_labelled_per_arm, config.alpha)
-    context.log.info(f"{report.decision.verdict}: {report.decision.why}")
+    plan = ab_report.Plan(**config.model_dump(exclude={"auto_promote"}))
+    report = ab_report.build_report(predictions, feedback, trial, plan, looks)
+    context.log.info(f"{report.decision.verdict}: {report.decision.reason}")
     promoted = config.auto_promote and report.decision.verdict == "promote"
     if promoted:
-        _promote(context, store, mlflow, report)
-    return dg.MaterializeResult(metadata=_ab_metadata(report, config, promoted))
+        _promote(context, store, mlflow, report.trial.strategy, report.decision.reason)
+    ended = report.decision.trial_over and report.decision.verdict == "keep" and ab_report.end_trial(store, trial)
+    if ended:
+        context.log.info(f"Trial {trial.trial_id} ended ({report.decision.finding}): production serves alone")
+    metadata = _ab_metadata(ab_report.summary(report, plan), config)
+    return dg.MaterializeResult(metadata={**metadata, "promoted": promoted, "trial_ended": ended})
 
 
-def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, report) -> None:
+def _previous_report(instance: dg.DagsterInstance, trial_id: str) -> dict | None:
+    """The latest report's metadata when it was about this trial (it carries the looks so far)."""
+    latest = instance.fetch_materializations(AB_TEST_REPORT, limit=1).records
+    if not latest:
+        return None
+    metadata = latest[0].asset_materialization.metadata
+    same = "trial_id" in metadata and metadata["trial_id"].value == trial_id and "looks" in metadata
+    return dict(metadata) if same else None
+
+
+def _after_the_end(context, store, mlflow: MlflowTracking, config: AbTestConfig, previous: dict, looks: int):
+    """A trial that ended keeps its verdict: a look past the end would spend alpha the design does not
+    have. A `promote` left to a person is carried out when the report runs with `auto_promote`."""
+    verdict = previous["decision"].value
+    promoted = config.auto_promote and verdict == "promote"
+    if promoted:
+        _promote(context, store, mlflow, previous["strategy"].value, previous["why"].value)
+    ended = f"look {previous['looks'].value} ({verdict}: {previous['finding'].value})"
+    status = f"the trial ended at {ended}; the verdict stands"
+    context.log.info(status)
+    return dg.MaterializeResult(metadata={**previous, "looks": looks, "status": status, "promoted": promoted})
+
+
+def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, strategy: str, reason: str) -> None:
     """The challenger becomes production, and the endpoint, the registry and the asset history follow."""
     previous, promoted = deploy.promote_challenger(store)
-    why = f"promoted after an A/B test ({report.trial.strategy}): {report.decision.why}"
+    why = f"promoted after an A/B test ({strategy}): {reason}"
     announce_production(context, store, mlflow, "promoted", previous, why)
     context.log.info(f"Challenger version {promoted} promoted to production (was {previous})")
 
 
-def _ab_metadata(report, config: AbTestConfig, promoted: bool) -> dict:
-    """What a person reads on the asset page: the arms, the decision with its numbers, and the rule."""
-    trial, decision = report.trial, report.decision
-    metadata = {
-        "decision": decision.verdict,
-        "finding": decision.finding,
-        "why": decision.why,
-        "rule": rule_text(trial.strategy, config.min_labelled_per_arm, config.alpha),
-        "test": decision.test,
-        "p_value": decision.p_value if decision.p_value is not None else "not computed (too few labels)",
-        "alpha": config.alpha,
-        "min_labelled_per_arm": config.min_labelled_per_arm,
-        "arms": table([report.production.row(), report.challenger.row()], list(report.production.row())),
-        "strategy": trial.strategy,
-        "production_version": trial.production_version,
-        "challenger_version": trial.challenger_version,
-        "production_accuracy": _or_none(report.production.accuracy),
-        "challenger_accuracy": _or_none(report.challenger.accuracy),
-        "production_labelled": report.production.n,
-        "challenger_labelled": report.challenger.n,
-        "prediction_lines": report.predictions,
-        "feedback_lines": report.feedback,
-        "promoted": promoted,
-        "auto_promote": config.auto_promote,
-    }
-    if trial.strategy == "shadow":
-        metadata["agreement_rate"] = _or_none(report.agreement)
-        metadata["shadowed_requests"] = report.shadowed
-        metadata["labelled_without_shadow"] = report.unpaired
-    if report.predictions == 0 or report.feedback == 0:
-        missing = "no predictions logged" if report.predictions == 0 else "no feedback sent"
-        metadata["status"] = f"{missing} since the trial started: nothing to judge yet"
-    return metadata
-
-
-def _or_none(value: float | None) -> float | str:
-    return round(value, 4) if value is not None else "none yet"
+def _ab_metadata(summary: dict, config: AbTestConfig) -> dict:
+    """What a person reads on the asset page (`ab_report.summary`), with the arms and guardrails as tables."""
+    arms, guardrails = summary["arms"], summary["guardrails"]
+    return {
+        **summary, "arms": table(arms, list(arms[0])),
+        "guardrails": table(guardrails, ["guardrail", "breached", "detail"]), "auto_promote": config.auto_promote,
+    }  # fmt: skip

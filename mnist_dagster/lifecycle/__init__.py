@@ -1,2 +1,2 @@
-"""The model's life outside any framework (no Dagster, no HTTP): what lands from feedback, and how a model
-moves into and out of production."""
+"""The model's life after training, with no Dagster and no HTTP: the deployment record, publish / promote /
+rollback, the serving-path check, the A/B decision, and what lands from feedback."""

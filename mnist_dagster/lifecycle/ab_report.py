@@ -1,101 +1,181 @@
 """Champion vs challenger on live traffic: join what the endpoint answered with the labels clients sent
-back, and decide whether the challenger should replace production.
+back, per client, and ask the sequential decision (`lifecycle/sequential.py`) whether the trial is over.
 
-Dagster-free, so the decision can be read and tested on its own; `ab_test_report` runs it and shows it.
+Dagster-free, so the report can be read and tested on its own; `ab_test_report` runs it and shows it.
 
-    prediction_log/  {"prediction_id", "arm", "model_version", "digit", ["shadow_digit", "shadow_version"], ...}
+    prediction_log/  {"time", "prediction_id", "arm", "model_version", "digit", ["client"], ["status"],
+                      ["latency_ms"], ["shadow_digit", "shadow_version"], ...}
     feedback/        {"time", "prediction_id", "label", ...}   several for one id: the latest is believed
 
-Only the current trial counts: lines of the production version answered by production, and lines of the
-challenger version answered by the challenger (or, in shadow mode, scored by it beside production). Lines
-of older versions, from earlier trials, are ignored.
+Only the current trial counts: lines written at or after the record's `trial_started_at` (not the day it
+started on), of the production version answered by production and of the challenger version answered by
+the challenger (or, in shadow mode, scored by it beside production).
 
-The rule (`rule_text` says it in words): `need_more_data` while either arm has fewer than
-`min_labelled` labelled predictions; then `promote` when the challenger is more accurate and the test's
-p-value is below `alpha`; `keep` otherwise. The test fits how the traffic was split: in an A/B test the
-arms answered different requests, so a two-proportion z-test; in shadow mode both models judged the same
-requests, so McNemar's exact test on the requests only one of them got right (paired, far more sensitive).
+The unit is the client: a line's `client` (a hash of the `X-Client-Key` the request came with) groups its
+requests; a line without one is its own client. The guardrails read every line of the trial, labelled or not: `status`
+>= 500 or an `error` counts as an error, `latency_ms` feeds the p99; lines without them count as answered
+and untimed.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
-from typing import Literal
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
 
 from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
-from mnist_dagster.lifecycle.record import read_record
+from mnist_dagster.lifecycle.record import DeploymentError, DeploymentRecord, change_record, read_record
+from mnist_dagster.lifecycle.sequential import (
+    ArmCounts,
+    ArmServing,
+    Decision,
+    Plan,
+    decide_ab_test,
+    decide_shadow,
+    rule_text,
+)
+from mnist_dagster.ml.compare import wilson_interval
 from mnist_dagster.serving.feedback import latest_labels
 from mnist_dagster.serving.jsonl import read_json_lines
 from mnist_dagster.storage import Store
 
-Verdict = Literal["promote", "keep", "need_more_data"]
-TWO_PROPORTIONS = "two-sided two-proportion z-test (the arms answered different requests)"
-MCNEMAR = "McNemar's exact test (both models judged the same requests; only those one of them got right count)"
+SECONDS_PER_DAY = 86_400.0
 
 
 @dataclass(frozen=True)
 class Trial:
-    """The challenger on trial beside production, and how traffic is split between them."""
+    """The challenger on trial beside production: how traffic is split, which trial, and since when."""
 
     strategy: str  # "ab_test" | "shadow"
     production_version: str
     challenger_version: str
-    started: date | None  # the UTC day the challenger was deployed: no line of this trial is older
-    trial_id: str | None = None
-    started_at: datetime | None = None  # when the deployment record put the challenger on trial
+    trial_id: str
+    started_at: datetime | None  # the moment the challenger was published: no line of this trial is older
+
+    def days(self, now: datetime) -> float:
+        """How long the trial has run, in days (0 when its start is unknown)."""
+        return max(0.0, (now - self.started_at).total_seconds() / SECONDS_PER_DAY) if self.started_at else 0.0
 
 
 def current_trial(store: Store) -> Trial | None:
-    """The trial running now (from the deployment record), or None when production serves alone."""
+    """The trial running now, from the deployment record; None when production serves alone."""
     record = read_record(store)
     if record.challenger is None or record.production is None:
         return None
-    started_at = datetime.fromisoformat(record.trial_started_at) if record.trial_started_at else None
-    started = started_at.astimezone(timezone.utc).date() if started_at else None
-    return Trial(str(record.strategy), record.production, record.challenger, started, record.trial_id, started_at)
+    started = datetime.fromisoformat(record.trial_started_at) if record.trial_started_at else None
+    return Trial(str(record.strategy), record.production, record.challenger, trial_id_of(record), started)
 
 
-def read_trial_logs(store: Store, trial: Trial, today: date | None = None) -> tuple[list[dict], list[dict]]:
-    """(prediction lines, feedback lines) from the day the trial started on: the log's older days, which
-    grow by every request ever served, are not even listed."""
-    if trial.started is None:
+def trial_id_of(record: DeploymentRecord) -> str:
+    """The record's trial id (a record written before trial ids: its pair of versions)."""
+    return record.trial_id or f"{record.production}-vs-{record.challenger}"
+
+
+def end_trial(store: Store, trial: Trial) -> bool:
+    """End `trial` after a `keep` that closes it (a guardrail breach, a significantly worse challenger, the
+    planned end): production serves alone. False when the record already moved on (another trial, a
+    promotion), which is then left alone."""
+
+    def end(record: DeploymentRecord) -> DeploymentRecord:
+        if record.challenger is None or trial_id_of(record) != trial.trial_id:
+            raise DeploymentError(f"trial {trial.trial_id} is no longer the one running")
+        return record.without_challenger()
+
+    try:
+        change_record(store, end)
+    except DeploymentError:
+        return False
+    return True
+
+
+def read_trial_logs(store: Store, trial: Trial, now: datetime | None = None) -> tuple[list[dict], list[dict]]:
+    """(prediction lines since the trial started, feedback lines from its first day on): only the days
+    of the trial are listed, and the first day's lines from before the start are dropped."""
+    if trial.started_at is None:
         return read_json_lines(store, PREDICTION_LOG_PREFIX), read_json_lines(store, FEEDBACK_PREFIX)
-    last = (today or datetime.now(timezone.utc).date()) + timedelta(days=1)  # a writer's clock a little ahead
-    days = [trial.started + timedelta(days=offset) for offset in range((last - trial.started).days + 1)]
+    first = trial.started_at.astimezone(timezone.utc).date()
+    last = (now or datetime.now(timezone.utc)).date() + timedelta(days=1)  # a writer's clock a little ahead
+    days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
 
     def lines(prefix: str) -> list[dict]:
         return [line for day in days for line in read_json_lines(store, f"{prefix}/date={day.isoformat()}")]
 
-    return lines(PREDICTION_LOG_PREFIX), lines(FEEDBACK_PREFIX)
+    predictions = [line for line in lines(PREDICTION_LOG_PREFIX) if _time(line) >= trial.started_at]
+    return predictions, lines(FEEDBACK_PREFIX)
+
+
+def _time(line: dict) -> datetime:
+    return datetime.fromisoformat(line["time"])
+
+
+def client_of(line: dict) -> str:
+    """The client a line counts for: its key, or the request itself when it came without one."""
+    return f"key:{line['client']}" if line.get("client") else f"request:{line['prediction_id']}"
+
+
+def trial_lines(predictions: Iterable[dict], trial: Trial) -> list[dict]:
+    """The trial's lines, once per prediction id: each arm's own version only."""
+    arm_versions = {"production": trial.production_version, "challenger": trial.challenger_version}
+    kept, seen = [], set()
+    for line in predictions:
+        if line["prediction_id"] in seen or arm_versions.get(line["arm"]) != str(line["model_version"]):
+            continue
+        seen.add(line["prediction_id"])
+        kept.append(line)
+    return kept
 
 
 @dataclass(frozen=True)
 class Labelled:
-    """One prediction of the trial a client labelled: what each model said and the truth."""
+    """One prediction of the trial a client labelled: what each model said, the truth, and whose it was."""
 
     arm: str  # "production" | "challenger": which model answered
     digit: int
     label: int
+    client: str
     shadow_digit: int | None = None  # shadow mode: the challenger's answer to the same request
 
 
-def labelled_predictions(predictions: Iterable[dict], labels: dict[str, int], trial: Trial) -> list[Labelled]:
-    """The trial's predictions that have a label, once each; other versions' lines are left out."""
-    arm_versions = {"production": trial.production_version, "challenger": trial.challenger_version}
-    joined, seen = [], set()
-    for line in predictions:
-        prediction_id = line["prediction_id"]
-        if prediction_id in seen or prediction_id not in labels:
+def labelled_predictions(lines: Iterable[dict], labels: dict[str, int], trial: Trial) -> list[Labelled]:
+    """The trial's lines that have a label (in shadow mode, the challenger's digit when it scored them)."""
+    joined = []
+    for line in lines:
+        if line["prediction_id"] not in labels or line.get("digit") is None:
             continue
-        if arm_versions.get(line["arm"]) != str(line["model_version"]):
-            continue
-        seen.add(prediction_id)
         shadowed = line.get("shadow_digit") is not None and str(line.get("shadow_version")) == trial.challenger_version
         shadow_digit = int(line["shadow_digit"]) if shadowed else None
-        joined.append(Labelled(line["arm"], int(line["digit"]), labels[prediction_id], shadow_digit))
+        label = labels[line["prediction_id"]]
+        joined.append(Labelled(line["arm"], int(line["digit"]), label, client_of(line), shadow_digit))
     return joined
+
+
+def per_client(items: list[Labelled], right: list[bool]) -> ArmCounts:
+    """Labelled requests and correct answers summed per client: the counts the decision's variance needs."""
+    requests: dict[str, int] = defaultdict(int)
+    correct: dict[str, int] = defaultdict(int)
+    for item, ok in zip(items, right, strict=True):
+        requests[item.client] += 1
+        correct[item.client] += ok
+    clients = list(requests)
+    return ArmCounts.from_clients([requests[c] for c in clients], [correct[c] for c in clients])
+
+
+def serving_of(lines: list[dict]) -> tuple[ArmServing, ArmServing]:
+    """The guardrails' evidence per arm (production, challenger): every line of the trial, labelled or not."""
+    return _arm_serving([line for line in lines if line["arm"] == "production"]), _arm_serving(
+        [line for line in lines if line["arm"] == "challenger"]
+    )
+
+
+def _arm_serving(lines: list[dict]) -> ArmServing:
+    errors = sum(int(line.get("status", 200)) >= 500 or bool(line.get("error")) for line in lines)
+    latencies = [float(line["latency_ms"]) for line in lines if line.get("latency_ms") is not None]
+    p99 = float(np.percentile(latencies, 99)) if latencies else None
+    return ArmServing(len(lines), errors, p99, len(latencies))
 
 
 @dataclass(frozen=True)
@@ -104,94 +184,28 @@ class Arm:
 
     name: str
     version: str
-    n: int
-    correct: int
+    counts: ArmCounts
+    served: ArmServing
     interval: tuple[float, float]
 
     @property
     def accuracy(self) -> float | None:
-        return self.correct / self.n if self.n else None
+        return self.counts.accuracy
 
     def row(self) -> dict:
         """The arm as a table row a person reads."""
         accuracy = "n/a" if self.accuracy is None else round(self.accuracy, 4)
+        p99 = "n/a" if self.served.p99_ms is None else round(self.served.p99_ms, 1)
         return {
-            "arm": self.name, "model_version": self.version, "labelled": self.n, "correct": self.correct,
-            "accuracy": accuracy, "ci95_low": round(self.interval[0], 4), "ci95_high": round(self.interval[1], 4),
+            "arm": self.name, "model_version": self.version, "labelled": self.counts.requests,
+            "clients": self.counts.clients, "correct": self.counts.correct, "accuracy": accuracy,
+            "ci95_low": round(self.interval[0], 4), "ci95_high": round(self.interval[1], 4),
+            "served": self.served.requests, "errors": self.served.errors, "p99_ms": p99,
         }  # fmt: skip
 
 
-def arm(name: str, version: str, right: list[bool]) -> Arm:
-    from mnist_dagster.ml.compare import wilson_interval
-
-    correct = sum(right)
-    return Arm(name, version, len(right), correct, wilson_interval(correct, len(right)))
-
-
-@dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
-    finding: str  # challenger better | no significant difference | challenger significantly worse | too few labels
-    why: str  # the numbers behind it, in words
-    test: str
-    p_value: float | None
-
-
-def rule_text(strategy: str, min_labelled: int, alpha: float) -> str:
-    """The decision rule in words, for the report's metadata and the Slack message."""
-    test = MCNEMAR if strategy == "shadow" else TWO_PROPORTIONS
-    return (
-        f"need_more_data while either arm has fewer than {min_labelled} labelled predictions; then promote when "
-        f"the challenger is more accurate and the {test} gives p < {alpha}; otherwise keep production (no "
-        "significant difference, or the challenger significantly worse)"
-    )
-
-
-def decide(
-    strategy: str, production: Arm, challenger: Arm, paired: list[Labelled], min_labelled: int, alpha: float
-) -> Decision:
-    """Apply the rule; `paired` (shadow mode) are the labelled requests both models answered."""
-    test = MCNEMAR if strategy == "shadow" else TWO_PROPORTIONS
-    short = [a for a in (production, challenger) if a.n < min_labelled]
-    if short:
-        counts = ", ".join(f"{a.name} has {a.n}" for a in short)
-        why = f"{counts} of the {min_labelled} labelled predictions needed per arm"
-        return Decision("need_more_data", "too few labels", why, test, None)
-    if strategy == "shadow":
-        p_value, better, worse = _mcnemar(paired)
-    else:
-        p_value, better, worse = _two_proportions(production, challenger)
-    numbers = (
-        f"challenger {_percent(challenger)} against production {_percent(production)}; "
-        f"{test.split(' (')[0]} p = {p_value:.3g}"  # the test's name, without why it fits
-    )
-    if better and p_value < alpha:
-        return Decision("promote", "challenger better", f"{numbers} < alpha {alpha}", test, p_value)
-    if worse and p_value < alpha:
-        return Decision("keep", "challenger significantly worse", f"{numbers} < alpha {alpha}", test, p_value)
-    return Decision("keep", "no significant difference", f"{numbers}, not below alpha {alpha}", test, p_value)
-
-
-def _two_proportions(production: Arm, challenger: Arm) -> tuple[float, bool, bool]:
-    from mnist_dagster.ml.compare import two_proportion_test
-
-    result = two_proportion_test(production.correct, production.n, challenger.correct, challenger.n)
-    return result.p_value, result.difference > 0, result.difference < 0
-
-
-def _mcnemar(paired: list[Labelled]) -> tuple[float, bool, bool]:
-    import numpy as np
-
-    from mnist_dagster.ml.compare import mcnemar_exact
-
-    labels = np.array([item.label for item in paired])
-    challenger = np.array([item.shadow_digit for item in paired])
-    result = mcnemar_exact(labels, challenger, np.array([item.digit for item in paired]))
-    return result.p_value, result.candidate_only > result.production_only, result.candidate_is_worse
-
-
-def _percent(a: Arm) -> str:
-    return f"{100 * a.accuracy:.2f}% (n={a.n})" if a.accuracy is not None else f"no labels (n={a.n})"
+def arm(name: str, version: str, counts: ArmCounts, served: ArmServing) -> Arm:
+    return Arm(name, version, counts, served, wilson_interval(counts.correct, counts.requests))
 
 
 @dataclass(frozen=True)
@@ -200,7 +214,7 @@ class Report:
     production: Arm
     challenger: Arm
     decision: Decision
-    predictions: int  # prediction lines read for the trial's days
+    predictions: int  # prediction lines read since the trial started
     feedback: int  # feedback lines read (a label sent twice counts twice here, once in the arms)
     unpaired: int  # shadow mode: labelled requests the challenger did not score (its queue was full)
     agreement: float | None  # shadow mode: share of shadowed requests where both models gave the same digit
@@ -208,39 +222,89 @@ class Report:
 
 
 def build_report(
-    predictions: list[dict], feedback: list[dict], trial: Trial, min_labelled: int, alpha: float
-) -> Report:
-    """Join, count each arm, and decide. In shadow mode both arms are counted on the same labelled requests
-    (those the challenger scored too), which is what makes the comparison paired."""
-    joined = labelled_predictions(predictions, latest_labels(feedback), trial)
+    predictions: list[dict], feedback: list[dict], trial: Trial, plan: Plan, looks: int = 1,
+    now: datetime | None = None,
+) -> Report:  # fmt: skip
+    """Join, count each arm per client, and decide. In shadow mode both arms are counted on the same
+    labelled requests (those the challenger scored too), which is what makes the comparison paired."""
+    lines = trial_lines(predictions, trial)
+    joined = labelled_predictions(lines, latest_labels(feedback), trial)
+    days = trial.days(now or datetime.now(timezone.utc))
+    served = serving_of(lines)
     answered = [item for item in joined if item.arm == "production"]
     if trial.strategy == "shadow":
         paired = [item for item in answered if item.shadow_digit is not None]
-        production = arm("production", trial.production_version, [item.digit == item.label for item in paired])
-        challenger = arm("challenger", trial.challenger_version, [item.shadow_digit == item.label for item in paired])
+        production = per_client(paired, [item.digit == item.label for item in paired])
+        challenger = per_client(paired, [item.shadow_digit == item.label for item in paired])
+        challenger_only = sum(item.shadow_digit == item.label != item.digit for item in paired)
+        production_only = sum(item.digit == item.label != item.shadow_digit for item in paired)
+        decision = decide_shadow(challenger_only, production_only, len(paired), days, plan, looks, served)
         unpaired = len(answered) - len(paired)
-        agreement, shadowed = shadow_agreement(predictions, trial)
+        agreement, shadowed = shadow_agreement(lines, trial)
     else:
-        paired, unpaired, agreement, shadowed = [], 0, None, 0
-        production = arm("production", trial.production_version, [item.digit == item.label for item in answered])
-        tried = [item.digit == item.label for item in joined if item.arm == "challenger"]
-        challenger = arm("challenger", trial.challenger_version, tried)
-    decision = decide(trial.strategy, production, challenger, paired, min_labelled, alpha)
-    counts = len(predictions), len(feedback), unpaired, agreement, shadowed
-    return Report(trial, production, challenger, decision, *counts)
+        tried = [item for item in joined if item.arm == "challenger"]
+        production = per_client(answered, [item.digit == item.label for item in answered])
+        challenger = per_client(tried, [item.digit == item.label for item in tried])
+        decision = decide_ab_test(production, challenger, days, plan, looks, served)
+        unpaired, agreement, shadowed = 0, None, 0
+    arms = (arm("production", trial.production_version, production, served[0]),
+            arm("challenger", trial.challenger_version, challenger, served[1]))  # fmt: skip
+    return Report(trial, *arms, decision, len(predictions), len(feedback), unpaired, agreement, shadowed)
 
 
-def shadow_agreement(predictions: Iterable[dict], trial: Trial) -> tuple[float | None, int]:
+def shadow_agreement(lines: Iterable[dict], trial: Trial) -> tuple[float | None, int]:
     """How often the challenger, in shadow, gave production's digit: on every shadowed request of the
     trial, labelled or not, so it needs no feedback at all. (rate, requests)."""
-    same, total, seen = 0, 0, set()
-    for line in predictions:
-        versions = (str(line["model_version"]), str(line.get("shadow_version")))
-        if line["prediction_id"] in seen or line["arm"] != "production" or line.get("shadow_digit") is None:
+    same, total = 0, 0
+    for line in lines:
+        if line["arm"] != "production" or line.get("shadow_digit") is None:
             continue
-        if versions != (trial.production_version, trial.challenger_version):
+        if str(line.get("shadow_version")) != trial.challenger_version:
             continue
-        seen.add(line["prediction_id"])
         total += 1
         same += int(line["digit"]) == int(line["shadow_digit"])
     return (same / total if total else None), total
+
+
+def summary(report: Report, plan: Plan) -> dict:
+    """The report as values a person reads: the trial, the decision with its sequential bookkeeping (test,
+    looks, alpha spent, boundary), per arm labelled requests, clients and requests served, the guardrails,
+    and the rule in words; `arms` and `guardrails` are lists of table rows."""
+    trial, decision, production, challenger = report.trial, report.decision, report.production, report.challenger
+    metadata = {
+        "decision": decision.verdict, "finding": decision.finding, "why": decision.reason,
+        "rule": rule_text(trial.strategy, plan), "test": decision.test, "trial_id": trial.trial_id,
+        "trial_started_at": trial.started_at.isoformat() if trial.started_at else "unknown",
+        "looks": decision.looks, "information_fraction": round(decision.information_fraction, 4),
+        "alpha": plan.alpha, "alpha_spent": _figure(decision.alpha_spent), "boundary_z": _figure(decision.boundary),
+        "z": _figure(decision.statistic), "p_value": _figure(decision.p_value, "not computed (too few labels)"),
+        "nominal_level": _figure(decision.nominal_level), "trial_over": decision.trial_over,
+        "max_labelled": plan.max_labelled, "max_days": plan.max_days, "min_labelled_per_arm": plan.min_labelled_per_arm,
+        "guardrail_breached": any(g.breached for g in decision.guardrails), "strategy": trial.strategy,
+        "production_version": trial.production_version, "challenger_version": trial.challenger_version,
+        "production_accuracy": _figure(production.accuracy), "challenger_accuracy": _figure(challenger.accuracy),
+        "production_labelled": production.counts.requests, "challenger_labelled": challenger.counts.requests,
+        "production_clients": production.counts.clients, "challenger_clients": challenger.counts.clients,
+        "production_requests": production.served.requests, "challenger_requests": challenger.served.requests,
+        "prediction_lines": report.predictions, "feedback_lines": report.feedback,
+        "arms": [production.row(), challenger.row()], "guardrails": guardrail_rows(decision),
+    }  # fmt: skip
+    if trial.strategy == "shadow":
+        metadata["agreement_rate"] = _figure(report.agreement)
+        metadata["shadowed_requests"] = report.shadowed
+        metadata["labelled_without_shadow"] = report.unpaired
+    if report.predictions == 0 or report.feedback == 0:
+        missing = "no predictions logged" if report.predictions == 0 else "no feedback sent"
+        metadata["status"] = f"{missing} since the trial started: nothing to judge yet"
+    return metadata
+
+
+def guardrail_rows(decision: Decision) -> list[dict]:
+    return [{"guardrail": g.name, "breached": g.breached, "detail": g.detail} for g in decision.guardrails]
+
+
+def _figure(value: float | None, missing: str = "none yet") -> float | str:
+    """Four significant figures; a word where there is no number (inf: no information yet)."""
+    if value is None:
+        return missing
+    return "infinite (no information yet)" if math.isinf(value) else float(f"{value:.4g}")

@@ -240,6 +240,9 @@ def _ab_decision_text(metadata: dict, run_id: str, run_url: str) -> str:
     else:
         head = f":scales: *{trial}: keep production version {production}* ({metadata['finding']})"
         outcome = f"Challenger version {challenger} stays on trial."
+        if metadata.get("trial_over"):  # a guardrail breach, a significantly worse challenger, or the planned end
+            ended = " Production serves alone." if metadata.get("trial_ended") else ""
+            outcome = f"The trial of challenger version {challenger} is over: {metadata['finding']}.{ended}"
     numbers = _escape(str(metadata["why"]))  # both accuracies with their n, the test and its p-value
     if metadata.get("agreement_rate") is not None:
         numbers += f"; the two models agreed on {_percent(metadata['agreement_rate'])} of shadowed requests"

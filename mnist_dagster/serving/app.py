@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from mnist_dagster.serving import openapi, page, routing, service
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
+from mnist_dagster.lifecycle.assignment import client_tag
 from mnist_dagster.serving.guards import FeedbackGuards
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.scoring.preprocess import InputError
@@ -141,18 +142,21 @@ class DigitService:
         return assignment
 
     def issue(
-        self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str
+        self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str,
+        client_key: str | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to `predictions`, each with a new `prediction_id` (remembered for `/feedback`) and its
         arm; their log records are handed to the log, or through the shadow scorer, which only enqueue."""
         now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+        client = client_tag(client_key) if client_key else None  # the A/B report counts clients, not requests
         answers, records = [], []
         for image, p in zip(images, predictions):
             prediction_id = os.urandom(16).hex()
             self.issued.add(prediction_id, assignment.label)
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
             records.append(
-                PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image)
+                PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image,
+                                 client=client)  # fmt: skip
             )
         if self.logs.predictions is not None:
             if assignment.shadow is not None and self.shadow is not None:
@@ -167,7 +171,7 @@ class DigitService:
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
-        return json.dumps(self.issue(assignment, pixels, predictions, "predict")[0]).encode()
+        return json.dumps(self.issue(assignment, pixels, predictions, "predict", client_key)[0]).encode()
 
     @route("POST", "/predict", responses=openapi.answers(openapi.PredictionOut), openapi_extra=openapi.SINGLE_BODY)
     async def predict(self, request: Request) -> Response:
@@ -187,7 +191,7 @@ class DigitService:
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
-        answers = self.issue(assignment, pixels, predictions, "predict/batch")
+        answers = self.issue(assignment, pixels, predictions, "predict/batch", request.headers.get(CLIENT_KEY))
         return Response(json.dumps({"predictions": answers}), media_type=JSON)
 
     @route(

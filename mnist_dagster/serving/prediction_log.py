@@ -8,7 +8,8 @@ One line per prediction, keys in this order:
     {"time": ISO-8601 UTC, "prediction_id": 32 hex, "arm": "production" | "challenger",
      "model_version": str, "digit": 0-9, "confidence": float, "endpoint": "predict" | "predict/batch",
      "image": base64 of 784 bytes,
-     "shadow_digit": 0-9, "shadow_version": str}            <- in shadow mode only, when the challenger scored it
+     "shadow_digit": 0-9, "shadow_version": str,            <- in shadow mode only, when the challenger scored it
+     "client": 16 hex}                                       <- when the request sent an X-Client-Key (a hash of it)
 
 `image` is what the model actually saw: the preprocessed 28x28 image (white digit on black, MNIST
 format), row-major, one uint8 per pixel (round(value * 255)); `logged_image` decodes it. A line is
@@ -50,6 +51,8 @@ class PredictionRecord:
     pixels: np.ndarray  # float32 (28, 28) in [0, 1]: the model's input; encoded by the writer thread
     shadow_digit: int | None = None
     shadow_version: str | None = None
+    client: str | None = None  # `assignment.client_tag` of the request's client key; None: no key sent
+    status: int | None = None  # set only when the answer was an error (the A/B report's error guardrail)
 
     def line(self, image: str | None = None) -> dict[str, Any]:
         """The line's fields but `time`; `image` when the writer already encoded it with a whole batch."""
@@ -64,6 +67,10 @@ class PredictionRecord:
         }
         if self.shadow_version is not None:
             line["shadow_digit"], line["shadow_version"] = self.shadow_digit, self.shadow_version
+        if self.client is not None:
+            line["client"] = self.client
+        if self.status is not None:
+            line["status"] = self.status
         return line
 
 

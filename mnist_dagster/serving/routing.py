@@ -18,21 +18,21 @@ A/B test, one hash or random draw (cheap enough for every request).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 
+from mnist_dagster.lifecycle import assignment
 from mnist_dagster.lifecycle.record import CHALLENGER, PRODUCTION, Strategy
 from mnist_dagster.serving.watcher import Deployment, DeploymentWatcher, LoadedModel
 
 CLIENT_KEY_HEADER = "X-Client-Key"
-_HASH_SCALE = 1.0 / 2**64
 
 
 def client_share(client_key: str, salt: str = "") -> float:
-    """A client key -> a number in [0, 1), the same for the same key and salt on every server and every run."""
-    digest = hashlib.sha256(f"{salt}:{client_key}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") * _HASH_SCALE
+    """A client key -> a number in [0, 1), the same for the same key within a trial (`salt`: its id) on
+    every server and every run, and drawn afresh for each trial (`lifecycle.assignment.client_share`, the
+    function the A/B benchmark assigns its simulated clients with)."""
+    return assignment.client_share(client_key, salt)
 
 
 def goes_to_challenger(share: float, client_key: str | None, salt: str = "") -> bool:
