@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from mnist_dagster.layout import SERVING_ROOT
-from mnist_dagster.serving import bundle, service
+from mnist_dagster.serving import bundle, models, service
 from mnist_dagster.serving.preprocess import InputError, mnist_format, mnist_format_many
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, running_server
@@ -88,6 +88,28 @@ def test_the_schema_documents_every_route_its_bodies_and_its_refusals():
     feedback = paths["/feedback"]["post"]
     assert set(feedback["requestBody"]["content"]) == {"application/json"}
     assert set(feedback["responses"]) == {"202", "400", "404", "413", "415", "422"}  # 404: an id never issued
+
+
+def test_the_request_schemas_are_the_models_the_server_validates_with():
+    """The JSON bodies the fuzzing generates are described by the very pydantic models the routes call
+    `model_validate_json` on, not by a document written beside them."""
+    document = _served_schema()
+    bodies = {
+        path: operations["post"]["requestBody"]["content"]["application/json"]["schema"]
+        for path, operations in document["paths"].items()
+        if "post" in operations
+    }
+    assert bodies == {
+        "/predict": {"$ref": "#/components/schemas/PixelsIn"},
+        "/predict/batch": {"$ref": "#/components/schemas/BatchIn"},
+        "/feedback": {"$ref": "#/components/schemas/FeedbackIn"},
+    }
+    for model in models.REQUEST_MODELS:
+        generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        generated.pop("$defs", None)
+        assert document["components"]["schemas"][model.__name__] == generated, model.__name__
+    pixels = document["components"]["schemas"]["PixelsIn"]
+    assert pixels["additionalProperties"] is False and pixels["properties"]["pixels"]["maxItems"] == 28
 
 
 @schema.parametrize()

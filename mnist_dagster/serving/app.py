@@ -1,49 +1,69 @@
-"""The real-time endpoint: FastAPI over the newest serving bundle in the store.
+"""The real-time endpoint: plain FastAPI over the newest serving bundle in the store.
 
 `DigitService` holds the watchers (production, challenger, routing: see `serving/routing.py` for the
-contract with the Dagster side), the logs and the shadow scorer; each route is one of its methods, marked
-with `@route`, and `create_app` builds the FastAPI app from them. Every answer names its `prediction_id`,
-`arm` and `model_version`; the server remembers the ids it issued so that `POST /feedback` can take the
-true label of one. Every refusal is raised, as an
-`InputError` (the client's to fix) or `NoModel`, and turned into `{"detail": ...}` with its status by
-`refusal`, both by the FastAPI exception handlers and by the ASGI fast path for `POST /predict`.
+contract with the Dagster side), the logs and the shadow scorer; its route methods are ordinary FastAPI
+endpoints, registered in `create_app`. Every answer names its `prediction_id`, `arm` and `model_version`;
+the server remembers the ids it issued so that `POST /feedback` can take the true label of one.
 
-Kept lean for a small CPU: the single-image endpoint is `async` and calls ONNX Runtime directly (one
-image takes less time than handing it to a worker thread would), bodies are parsed by hand rather
-than through pydantic, answers are serialised once with `json.dumps`, the routing is a few attribute
-reads, and the logs and the shadow scorer only enqueue. What `/docs` and `/openapi.json` show is described in `serving/openapi.py`.
+One error style: every refusal is raised, as an `InputError` (the client's to fix) or `NoModel`, and
+answered by one handler as `{"detail": message}` with its status; FastAPI's own (404, 405) have that shape.
+
+Bodies are read once, under the size limit, and validated by the pydantic models of `serving/models.py`
+(`model_validate_json`, in `service.parse_json`); answers are serialised once with orjson. `/openapi.json`
+is generated from the same models. Kept lean for a small CPU: the single-image endpoint is `async` and calls
+ONNX Runtime directly (one image takes less time than handing it to a worker thread would), the routing is a
+few attribute reads, and the logs and the shadow scorer only enqueue.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+import orjson
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
-from mnist_dagster.serving import openapi, page, routing, service
-from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
+from mnist_dagster.serving import page, preprocess, service
+from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions
+from mnist_dagster.serving.models import (
+    MAX_BODY_BYTES,
+    REQUEST_MODELS,
+    BatchIn,
+    BatchOut,
+    ErrorOut,
+    FeedbackIn,
+    FeedbackOut,
+    HealthOut,
+    PixelsIn,
+    PredictionOut,
+)
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.serving.preprocess import InputError
-from mnist_dagster.serving.routing import Assignment, Router, RoutingWatcher
-from mnist_dagster.serving.service import MAX_BODY_BYTES, ModelWatcher, Prediction
+from mnist_dagster.serving.routing import CLIENT_KEY_HEADER, Assignment, Router, RoutingWatcher
+from mnist_dagster.serving.service import ModelWatcher, Prediction
 from mnist_dagster.serving.shadow import ShadowScorer
 from mnist_dagster.storage import Store
 
 JSON = "application/json"
-CLIENT_KEY = routing.CLIENT_KEY_HEADER.lower()
 NO_MODEL_DETAIL = "no model loaded yet: materialize digit_predictions to publish the production model to this store"
+ClientKey = Annotated[
+    str | None,
+    Header(
+        alias=CLIENT_KEY_HEADER,
+        description="any stable client id: during an A/B test, the same key always gets the same arm",
+    ),
+]
 
 
 class NoModel(Exception):
@@ -55,41 +75,14 @@ class NoModel(Exception):
         super().__init__(message)
 
 
-Refusal = (InputError, NoModel)
+def json_response(content: Any, status: int = 200) -> Response:
+    """`content` serialised once, by orjson (no `jsonable_encoder` walk, no response-model validation)."""
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON)
 
 
-def refusal(error: InputError | NoModel) -> tuple[int, bytes]:
-    """The one error style: (status, JSON `{"detail": message}`) for every refused request."""
-    return error.status, json.dumps({"detail": str(error)}).encode()
-
-
-@dataclass(frozen=True)
-class RouteSpec:
-    """How a `DigitService` method is served and documented (keyword arguments of `add_api_route`)."""
-
-    method: str
-    path: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def route(method: str, path: str, **options: Any) -> Callable:
-    """Marks a `DigitService` method as the handler of `method path`. The method takes the bare
-    `Request` and returns a `Response`; `options` (`responses`, `openapi_extra`, `include_in_schema`,
-    ...) go to FastAPI's `add_api_route` and only shape the OpenAPI document."""
-
-    def mark(handler: Callable) -> Callable:
-        handler.route = RouteSpec(method, path, options)
-        return handler
-
-    return mark
-
-
-class DirectRoute(APIRoute):
-    """A route FastAPI documents like any other, but calls with the bare `Request`: the endpoint parses
-    the body itself and returns a `Response`, so no dependency solving or response validation runs."""
-
-    def get_route_handler(self):
-        return self.endpoint
+def refused(status: int, message: str) -> Response:
+    """The one error style: `{"detail": message}` with the status, for every refused request."""
+    return json_response({"detail": message}, status)
 
 
 @dataclass
@@ -168,46 +161,36 @@ class DigitService:
                     self.logs.predictions.record(record)
         return answers
 
-    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> bytes:
-        """The JSON answer to `POST /predict`, shared by the route and the fast path; raises a refusal."""
+    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> dict[str, Any]:
+        """The answer to `POST /predict`, without the HTTP; raises a refusal."""
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
-        return json.dumps(self.issue(assignment, pixels, predictions, "predict")[0]).encode()
+        return self.issue(assignment, pixels, predictions, "predict")[0]
 
-    @route("POST", "/predict", responses=openapi.answers(openapi.PredictionOut), openapi_extra=openapi.SINGLE_BODY)
-    async def predict(self, request: Request) -> Response:
+    async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
         """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
         `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
         preprocessed the MNIST way (see the description above)."""
-        body = await read_body(request.receive, request.headers.get("content-length"))
-        answer = self.answer_predict(body, request.headers.get("content-type"), request.headers.get(CLIENT_KEY))
-        return Response(answer, media_type=JSON)
+        body = await read_body(request)
+        return json_response(self.answer_predict(body, request.headers.get("content-type"), client_key))
 
-    @route("POST", "/predict/batch", responses=openapi.answers(openapi.BatchOut), openapi_extra=openapi.BATCH_BODY)
-    async def predict_batch(self, request: Request) -> Response:
+    async def predict_batch(self, request: Request, client_key: ClientKey = None) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
         answers in the same order, all from the same arm. One bad image fails the request, naming its index."""
-        assignment = self.assign(request.headers.get(CLIENT_KEY))
-        body = await read_body(request.receive, request.headers.get("content-length"))
+        assignment = self.assign(client_key)
+        body = await read_body(request)
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
-        answers = self.issue(assignment, pixels, predictions, "predict/batch")
-        return Response(json.dumps({"predictions": answers}), media_type=JSON)
+        return json_response({"predictions": self.issue(assignment, pixels, predictions, "predict/batch")})
 
-    @route(
-        "POST",
-        "/feedback",
-        status_code=202,
-        responses=openapi.answers(openapi.FeedbackOut, openapi.FEEDBACK_ERRORS, status=202),
-        openapi_extra=openapi.FEEDBACK_BODY,
-    )
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
         Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
-        body = await read_body(request.receive, request.headers.get("content-length"))
-        prediction_id, label = parse_feedback(body, request.headers.get("content-type"))
+        body = await read_body(request)
+        feedback = service.parse_json(FeedbackIn, body, request.headers.get("content-type"))
+        prediction_id, label = feedback.prediction_id, feedback.label
         issued = self.issued.get(prediction_id)
         if issued is None:
             raise InputError(
@@ -216,38 +199,27 @@ class DigitService:
         if self.logs.feedback is not None:
             self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued))
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
-        return Response(json.dumps(answer), status_code=202, media_type=JSON)
+        return json_response(answer, 202)
 
-    @route("GET", "/health", responses={200: {"model": openapi.HealthOut}, 503: {"model": openapi.HealthOut}})
-    async def health(self, _request: Request) -> Response:
+    async def health(self) -> Response:
         """200 with the model version while a model is loaded; 503 while none is. Also the challenger, the
         routing in force and the shadow's counts."""
         status = self.watcher.status()
         loaded = status["model_version"] is not None
         shadow = self.shadow.status() if self.shadow else None
         answer = {"status": "ok" if loaded else "no model", **status, **self.router.status(), "shadow": shadow}
-        return Response(json.dumps(answer), status_code=200 if loaded else 503, media_type=JSON)
+        return json_response(answer, 200 if loaded else 503)
 
-    @route("GET", "/", include_in_schema=False)
-    async def index(self, _request: Request) -> Response:
+    async def index(self) -> Response:
         """The draw-a-digit page."""
-        return self._static_file(page.INDEX)
+        return self.static_file(page.INDEX)
 
-    @route("GET", "/static/{name}", include_in_schema=False)
-    async def static_file(self, request: Request) -> Response:
+    def static_file(self, name: str) -> Response:
         """The page's scripts and styles (a fixed set, read when the app was built)."""
-        return self._static_file(request.path_params["name"])
-
-    def _static_file(self, name: str) -> Response:
         if name not in self.static:
             raise InputError(f"no such file: {name[:64]!r}", 404)
         content, media_type = self.static[name]
         return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
-
-    def handlers(self) -> list[Callable]:
-        """The methods marked with `@route` (bound), in the order the class (then subclasses) define them."""
-        names = dict.fromkeys(name for cls in reversed(type(self).__mro__) for name in vars(cls))
-        return [getattr(self, name) for name in names if hasattr(getattr(type(self), name, None), "route")]
 
 
 def _parse_and_predict_batch(
@@ -258,105 +230,138 @@ def _parse_and_predict_batch(
     return pixels, service.predict(assignment.model.predictor, pixels)
 
 
+async def read_body(request: Request) -> bytes:
+    """The body, refusing more than `MAX_BODY_BYTES` (before reading, where the length is declared; while
+    reading, where it is not): Starlette itself reads any size."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise InputError(f"body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise InputError(f"body is over the limit of {MAX_BODY_BYTES} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ----- the app and what it documents ---------------------------------------------------------------------
+
+TITLE = "MNIST digit classifier"
+SUMMARY = "Predicts the digit in a handwritten-digit image with the production model."
+IMAGE_FILE = {"type": "string", "format": "binary", "description": "a PNG or JPEG file, at most 1 MB"}
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def refusals(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The `responses` entries of the refusals an operation gives, each documented with `ErrorOut`."""
+    return {status: {"model": ErrorOut, "description": text} for status, text in descriptions.items()}
+
+
+PREDICT_REFUSALS = refusals(
+    {
+        400: "empty body, invalid JSON, or bytes that are not a PNG/JPEG image",
+        413: "body larger than 1 MB",
+        415: "unsupported content type",
+        422: "wrong shape, NaN, values outside 0-255, a blank image, unknown fields",
+        503: "no model loaded yet",
+    }
+)
+FEEDBACK_REFUSALS = refusals(
+    {
+        400: "empty body or invalid JSON",
+        404: "a prediction_id this server did not issue (or no longer remembers)",
+        413: "body larger than 1 MB",
+        415: "unsupported content type",
+        422: "a missing or unknown field, a label that is not an integer 0-9",
+    }
+)
+
+
+def request_body(content: dict[str, dict[str, Any] | type[BaseModel]]) -> dict[str, Any]:
+    """`openapi_extra` for a body the route reads itself: media type -> a schema, or a model (referenced;
+    `documented_with_request_models` puts its schema in the components)."""
+
+    def schema(value: dict[str, Any] | type[BaseModel]) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {"$ref": SCHEMA_REF.format(model=value.__name__)}
+
+    media = {media_type: {"schema": schema(value)} for media_type, value in content.items()}
+    return {"requestBody": {"required": True, "content": media}}
+
+
 def create_app(
     store: Store,
     root: str = SERVING_ROOT,
     poll_seconds: float = 1.0,
     prediction_log: PredictionLog | None = None,
-    fast_path: bool = True,
     feedback_log: FeedbackLog | None = None,
     challenger_root: str = CHALLENGER_ROOT,
     routing_key: str = ROUTING_KEY,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    logs = Logs(prediction_log, feedback_log)
-    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key)
-    app = FastAPI(
-        title=openapi.TITLE,
-        summary=openapi.SUMMARY,
-        description=openapi.description(),
-        version="1",
-        lifespan=digits.lifespan,
-    )
+    digits = DigitService(store, root, poll_seconds, Logs(prediction_log, feedback_log), challenger_root, routing_key)
+    app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
     app.state.service, app.state.watcher = digits, digits.watcher
-    for handler in digits.handlers():
-        spec: RouteSpec = handler.route
-        app.router.add_api_route(
-            spec.path,
-            handler,
-            methods=[spec.method],
-            response_model=None,
-            route_class_override=DirectRoute,
-            **spec.options,
-        )
-    for error_type in Refusal:
-        app.add_exception_handler(error_type, _refusal_response)
-    if fast_path:
-        app.add_middleware(PredictFastPath, answer=digits.answer_predict)
+    app.post(
+        "/predict",
+        response_model=PredictionOut,
+        responses=PREDICT_REFUSALS,
+        openapi_extra=request_body({"image/png": IMAGE_FILE, "image/jpeg": IMAGE_FILE, JSON: PixelsIn}),
+    )(digits.predict)
+    app.post(
+        "/predict/batch",
+        response_model=BatchOut,
+        responses=PREDICT_REFUSALS,
+        openapi_extra=request_body({JSON: BatchIn}),
+    )(digits.predict_batch)
+    app.post(
+        "/feedback",
+        status_code=202,
+        response_model=FeedbackOut,
+        responses=FEEDBACK_REFUSALS,
+        openapi_extra=request_body({JSON: FeedbackIn}),
+    )(digits.feedback)
+    app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})(digits.health)
+    app.get("/", include_in_schema=False)(digits.index)
+    app.get("/static/{name}", include_in_schema=False)(digits.static_file)
+    app.add_exception_handler(InputError, _refusal)
+    app.add_exception_handler(NoModel, _refusal)
+    app.add_exception_handler(ClientDisconnect, _gone)
+    app.openapi = documented_with_request_models(app)
     return app
 
 
-async def _refusal_response(_request: Request, error: Exception) -> Response:
-    status, payload = refusal(error)
-    return Response(payload, status_code=status, media_type=JSON)
+async def _refusal(_request: Request, error: Exception) -> Response:
+    return refused(error.status, str(error))
 
 
-async def read_body(receive, declared_length: str | None) -> bytes:
-    """The body from the ASGI `receive` channel, refusing more than `MAX_BODY_BYTES` (before reading,
-    where the length is declared)."""
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > MAX_BODY_BYTES:
-        raise InputError(f"body is {int(declared_length)} bytes; the limit is {MAX_BODY_BYTES}", 413)
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise InputError(f"body is over the limit of {MAX_BODY_BYTES} bytes", 413)
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
+async def _gone(_request: Request, _error: Exception) -> Response:
+    """A client that hung up mid-body: nobody reads the answer, and it is no server error either."""
+    return refused(400, "the client disconnected before sending the whole body")
 
 
-class PredictFastPath:
-    """ASGI middleware that hands `POST /predict` straight to `answer` (`DigitService.answer_predict`),
-    skipping routing, request and response objects and the exception middleware: the bulk of what the
-    framework costs a small request. The route of the same path documents it in OpenAPI and runs the same
-    `answer` when the app is built with `fast_path=False`; refusals are answered by the same `refusal`
-    (the tests check both paths give the same answers)."""
+def documented_with_request_models(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi` with the request models' schemas added to the components. The routes read their
+    bodies themselves (one path takes a PNG, a JPEG or JSON, which a body parameter cannot say; and every
+    refusal keeps the one error style), so FastAPI does not find these models on its own."""
+    generate = app.openapi
 
-    def __init__(self, app, answer: Callable[[bytes, str | None, str | None], bytes]) -> None:
-        self.app, self.answer = app, answer
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            _, schemas = models_json_schema([(model, "validation") for model in REQUEST_MODELS], ref_template=SCHEMA_REF)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas["$defs"])
+        return app.openapi_schema
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        content_type, length = _header(headers, b"content-type"), _header(headers, b"content-length")
-        try:
-            body = await read_body(receive, length)
-            status, payload = 200, self.answer(body, content_type, _header(headers, CLIENT_KEY_BYTES))
-        except Refusal as error:
-            status, payload = refusal(error)
-        except ClientDisconnect:
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", JSON.encode()), (b"content-length", str(len(payload)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+    return openapi
 
 
-CLIENT_KEY_BYTES = CLIENT_KEY.encode()
-
-
-def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
-    """A raw ASGI header as Starlette's `request.headers` gives it (latin-1), so both paths route alike."""
-    value = headers.get(name)
-    return value.decode("latin-1") if value is not None else None
+def description() -> str:
+    recipe = (preprocess.__doc__ or "").split("\n", 1)[1].strip()
+    return (
+        "Serves the production model that the Dagster asset `digit_predictions` publishes, and switches to a "
+        "newly published one without a restart. A challenger can be served beside it, in an A/B test or in "
+        "the shadow (`/health` says which); every answer names its `arm`, `model_version` and `prediction_id`, "
+        "and `POST /feedback` records the true label of a prediction. `GET /` is a page to draw a digit on.\n\n"
+        "**Preprocessing.** " + recipe
+    )
