@@ -178,8 +178,8 @@ class DigitService:
     async def predict_batch(self, request: Request, client_key: ClientKey = None) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
         answers in the same order, all from the same arm. One bad image fails the request, naming its index."""
+        body = await read_body(request)  # first: a body over the limit is a 413 before any 503
         assignment = self.assign(client_key)
-        body = await read_body(request)
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
@@ -231,8 +231,9 @@ def _parse_and_predict_batch(
 
 
 async def read_body(request: Request) -> bytes:
-    """The body, refusing more than `MAX_BODY_BYTES` (before reading, where the length is declared; while
-    reading, where it is not): Starlette itself reads any size."""
+    """The body, refusing more than `MAX_BODY_BYTES` with a 413 in the one error style: before reading where
+    the length is declared, while reading where it is not. (FastAPI's own `max_body_size` answers a declared
+    length over the limit in plain text, whatever the app's handlers say.)"""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise InputError(f"body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}", 413)
@@ -300,7 +301,13 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
     digits = DigitService(store, root, poll_seconds, Logs(prediction_log, feedback_log), challenger_root, routing_key)
-    app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
+    app = FastAPI(
+        title=TITLE,
+        summary=SUMMARY,
+        description=description(),
+        version="1",
+        lifespan=digits.lifespan,
+    )
     app.state.service, app.state.watcher = digits, digits.watcher
     app.post(
         "/predict",
