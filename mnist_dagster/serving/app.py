@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -28,25 +28,29 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
-from mnist_dagster.serving import page, preprocess, service
+from mnist_dagster.serving import page, service
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions
 from mnist_dagster.serving.models import (
+    FEEDBACK_REFUSALS,
+    IMAGE_FILE,
     MAX_BODY_BYTES,
-    REQUEST_MODELS,
+    PREDICT_REFUSALS,
+    SUMMARY,
+    TITLE,
     BatchIn,
     BatchOut,
-    ErrorOut,
     FeedbackIn,
     FeedbackOut,
     HealthOut,
     PixelsIn,
     PredictionOut,
+    description,
+    request_body,
+    with_request_schemas,
 )
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.serving.preprocess import InputError
@@ -246,48 +250,7 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-# ----- the app and what it documents ---------------------------------------------------------------------
-
-TITLE = "MNIST digit classifier"
-SUMMARY = "Predicts the digit in a handwritten-digit image with the production model."
-IMAGE_FILE = {"type": "string", "format": "binary", "description": "a PNG or JPEG file, at most 1 MB"}
-SCHEMA_REF = "#/components/schemas/{model}"
-
-
-def refusals(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    """The `responses` entries of the refusals an operation gives, each documented with `ErrorOut`."""
-    return {status: {"model": ErrorOut, "description": text} for status, text in descriptions.items()}
-
-
-PREDICT_REFUSALS = refusals(
-    {
-        400: "empty body, invalid JSON, or bytes that are not a PNG/JPEG image",
-        413: "body larger than 1 MB",
-        415: "unsupported content type",
-        422: "wrong shape, NaN, values outside 0-255, a blank image, unknown fields",
-        503: "no model loaded yet",
-    }
-)
-FEEDBACK_REFUSALS = refusals(
-    {
-        400: "empty body or invalid JSON",
-        404: "a prediction_id this server did not issue (or no longer remembers)",
-        413: "body larger than 1 MB",
-        415: "unsupported content type",
-        422: "a missing or unknown field, a label that is not an integer 0-9",
-    }
-)
-
-
-def request_body(content: dict[str, dict[str, Any] | type[BaseModel]]) -> dict[str, Any]:
-    """`openapi_extra` for a body the route reads itself: media type -> a schema, or a model (referenced;
-    `documented_with_request_models` puts its schema in the components)."""
-
-    def schema(value: dict[str, Any] | type[BaseModel]) -> dict[str, Any]:
-        return value if isinstance(value, dict) else {"$ref": SCHEMA_REF.format(model=value.__name__)}
-
-    media = {media_type: {"schema": schema(value)} for media_type, value in content.items()}
-    return {"requestBody": {"required": True, "content": media}}
+# ----- the app ---------------------------------------------------------------------------------------------
 
 
 def create_app(
@@ -301,13 +264,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
     digits = DigitService(store, root, poll_seconds, Logs(prediction_log, feedback_log), challenger_root, routing_key)
-    app = FastAPI(
-        title=TITLE,
-        summary=SUMMARY,
-        description=description(),
-        version="1",
-        lifespan=digits.lifespan,
-    )
+    app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
     app.state.service, app.state.watcher = digits, digits.watcher
     app.post(
         "/predict",
@@ -334,7 +291,7 @@ def create_app(
     app.add_exception_handler(InputError, _refusal)
     app.add_exception_handler(NoModel, _refusal)
     app.add_exception_handler(ClientDisconnect, _gone)
-    app.openapi = documented_with_request_models(app)
+    app.openapi = with_request_schemas(app)
     return app
 
 
@@ -345,30 +302,3 @@ async def _refusal(_request: Request, error: Exception) -> Response:
 async def _gone(_request: Request, _error: Exception) -> Response:
     """A client that hung up mid-body: nobody reads the answer, and it is no server error either."""
     return refused(400, "the client disconnected before sending the whole body")
-
-
-def documented_with_request_models(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """`app.openapi` with the request models' schemas added to the components. The routes read their
-    bodies themselves (one path takes a PNG, a JPEG or JSON, which a body parameter cannot say; and every
-    refusal keeps the one error style), so FastAPI does not find these models on its own."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = generate()
-            _, schemas = models_json_schema([(model, "validation") for model in REQUEST_MODELS], ref_template=SCHEMA_REF)
-            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas["$defs"])
-        return app.openapi_schema
-
-    return openapi
-
-
-def description() -> str:
-    recipe = (preprocess.__doc__ or "").split("\n", 1)[1].strip()
-    return (
-        "Serves the production model that the Dagster asset `digit_predictions` publishes, and switches to a "
-        "newly published one without a restart. A challenger can be served beside it, in an A/B test or in "
-        "the shadow (`/health` says which); every answer names its `arm`, `model_version` and `prediction_id`, "
-        "and `POST /feedback` records the true label of a prediction. `GET /` is a page to draw a digit on.\n\n"
-        "**Preprocessing.** " + recipe
-    )

@@ -1,5 +1,5 @@
 """The HTTP bodies as pydantic models: what the routes validate (`Model.model_validate_json`, in
-`service.parse_json`) and, from the same classes, what `/openapi.json` documents.
+`service.parse_json`) and, from the same classes, what `/openapi.json` documents (the last part below).
 
 Request models forbid unknown fields and coerce nothing (a pixel is a number, a label an integer), so the
 schema a client reads is exactly the rule the server applies; each field's `description` is also the
@@ -8,10 +8,14 @@ sentence a refusal quotes. Response models only document: the routes serialise t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic.json_schema import models_json_schema
 
+from mnist_dagster.serving import preprocess
 from mnist_dagster.serving.preprocess import MNIST_SIDE
 
 MAX_BATCH = 256
@@ -134,3 +138,76 @@ class ErrorOut(BaseModel):
     """Every refusal, whatever its status: one sentence saying what is wrong and what to send instead."""
 
     detail: str
+
+
+# ----- what /openapi.json says -------------------------------------------------------------------------
+
+TITLE = "MNIST digit classifier"
+SUMMARY = "Predicts the digit in a handwritten-digit image with the production model."
+IMAGE_FILE = {"type": "string", "format": "binary", "description": "a PNG or JPEG file, at most 1 MB"}
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def refusals(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The `responses` entries of the refusals an operation gives, each documented with `ErrorOut`."""
+    return {status: {"model": ErrorOut, "description": text} for status, text in descriptions.items()}
+
+
+PREDICT_REFUSALS = refusals(
+    {
+        400: "empty body, invalid JSON, or bytes that are not a PNG/JPEG image",
+        413: "body larger than 1 MB",
+        415: "unsupported content type",
+        422: "wrong shape, NaN, values outside 0-255, a blank image, unknown fields",
+        503: "no model loaded yet",
+    }
+)
+FEEDBACK_REFUSALS = refusals(
+    {
+        400: "empty body or invalid JSON",
+        404: "a prediction_id this server did not issue (or no longer remembers)",
+        413: "body larger than 1 MB",
+        415: "unsupported content type",
+        422: "a missing or unknown field, a label that is not an integer 0-9",
+    }
+)
+
+
+def request_body(content: dict[str, dict[str, Any] | type[BaseModel]]) -> dict[str, Any]:
+    """`openapi_extra` for a body the route reads itself: media type -> a schema, or a model (referenced;
+    `with_request_schemas` puts its schema in the components)."""
+
+    def schema(value: dict[str, Any] | type[BaseModel]) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {"$ref": SCHEMA_REF.format(model=value.__name__)}
+
+    media = {media_type: {"schema": schema(value)} for media_type, value in content.items()}
+    return {"requestBody": {"required": True, "content": media}}
+
+
+def with_request_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """`app.openapi` with the request models' schemas added to the components. The routes read their
+    bodies themselves (one path takes a PNG, a JPEG or JSON, which a body parameter cannot say; and every
+    refusal keeps the one error style), so FastAPI does not find these models on its own."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            requests = [(model, "validation") for model in REQUEST_MODELS]
+            _, schemas = models_json_schema(requests, ref_template=SCHEMA_REF)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(schemas["$defs"])
+        return app.openapi_schema
+
+    return openapi
+
+
+def description() -> str:
+    """The API's description at `/docs`: what it serves, and the preprocessing recipe in `preprocess`'s words."""
+    recipe = (preprocess.__doc__ or "").split("\n", 1)[1].strip()
+    return (
+        "Serves the production model that the Dagster asset `digit_predictions` publishes, and switches to a "
+        "newly published one without a restart. A challenger can be served beside it, in an A/B test or in "
+        "the shadow (`/health` says which); every answer names its `arm`, `model_version` and `prediction_id`, "
+        "and `POST /feedback` records the true label of a prediction. `GET /` is a page to draw a digit on.\n\n"
+        "**Preprocessing.** " + recipe
+    )

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from mnist_dagster.serving.bundle import BundleError, Predictor, current_version, load
-from mnist_dagster.serving.models import ITEM_TAGS, FIELD_RULES, Base64In, BatchIn, PixelsIn, RequestBody
+from mnist_dagster.serving.models import FIELD_RULES, ITEM_TAGS, Base64In, BatchIn, PixelsIn, RequestBody
 from mnist_dagster.serving.preprocess import InputError, decode_image, mnist_format
 from mnist_dagster.storage import Store
 
@@ -115,7 +115,8 @@ def refusal(errors: list[dict[str, Any]], model: type[RequestBody]) -> InputErro
     if first["type"] == "model_type" and not places[0]:
         return InputError(f"JSON body must be an object: send {shape}")
     for kind, wording in (("extra_forbidden", "unknown"), ("missing", "missing")):
-        names = sorted(str(place[0]) for error, place in zip(errors, places) if error["type"] == kind and len(place) == 1)
+        at_top = zip(errors, places)
+        names = sorted(str(place[0]) for error, place in at_top if error["type"] == kind and len(place) == 1)
         if names:
             return InputError(f"{wording} field(s) {names}: send {shape}")
     return InputError(describe(first))
