@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from mnist_dagster.layout import FEEDBACK_LANDED_KEY, FEEDBACK_PREFIX, LANDING_PREFIX, PREDICTION_LOG_PREFIX
+from mnist_dagster.layout import FEEDBACK_BATCH_PREFIX, FEEDBACK_LANDED_KEY, FEEDBACK_PREFIX, LANDING_PREFIX, PREDICTION_LOG_PREFIX
 from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
 from mnist_dagster.storage import Store
 
@@ -96,7 +96,6 @@ class IssuedPredictions:
 
 # ----- corrections become training data ------------------------------------------------------------
 
-FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"
 
 
 def latest_labels(feedback: Iterable[dict]) -> dict[str, int]:

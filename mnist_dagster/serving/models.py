@@ -15,8 +15,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic.json_schema import models_json_schema
 
-from mnist_dagster.serving import preprocess
-from mnist_dagster.serving.preprocess import MNIST_SIDE
+from mnist_dagster.digits import IMAGE_SIDE, NUM_CLASSES
+from mnist_dagster.lifecycle.record import CHALLENGER, PRODUCTION, Strategy
+from mnist_dagster.scoring import preprocess
 
 MAX_BATCH = 256
 MAX_BODY_BYTES = 1_000_000
@@ -32,14 +33,14 @@ class RequestBody(BaseModel):
 
 
 Grey = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
-Row = Annotated[list[Grey], Field(min_length=MNIST_SIDE, max_length=MNIST_SIDE)]
+Row = Annotated[list[Grey], Field(min_length=IMAGE_SIDE, max_length=IMAGE_SIDE)]
 
 
 class PixelsIn(RequestBody):
     """One image as numbers."""
 
-    pixels: Annotated[list[Row], Field(min_length=MNIST_SIDE, max_length=MNIST_SIDE)] = Field(
-        description=f"{MNIST_SIDE} rows of {MNIST_SIDE} numbers between 0 and 255: grey levels, 0 the background "
+    pixels: Annotated[list[Row], Field(min_length=IMAGE_SIDE, max_length=IMAGE_SIDE)] = Field(
+        description=f"{IMAGE_SIDE} rows of {IMAGE_SIDE} numbers between 0 and 255: grey levels, 0 the background "
         "and 255 the ink, as in MNIST"
     )
 
@@ -93,10 +94,12 @@ FIELD_RULES = {name: field.description for model in REQUEST_MODELS for name, fie
 class PredictionOut(BaseModel):
     digit: int = Field(ge=0, le=9, description="the predicted digit")
     confidence: float = Field(ge=0, le=1, description="probability of the predicted digit")
-    probabilities: list[float] = Field(min_length=10, max_length=10, description="probability of each digit 0-9")
+    probabilities: list[float] = Field(
+        min_length=NUM_CLASSES, max_length=NUM_CLASSES, description="probability of each digit 0-9"
+    )
     model_version: str = Field(description="the model version that made this prediction")
     prediction_id: str = Field(description="names this prediction in `POST /feedback` and in the prediction log")
-    arm: Literal["production", "challenger"] = Field(description="which model answered (see the routing)")
+    arm: Literal[PRODUCTION, CHALLENGER] = Field(description="which model answered (see the routing)")
 
 
 class BatchOut(BaseModel):
@@ -110,7 +113,7 @@ class FeedbackOut(BaseModel):
 
 
 class RoutingOut(BaseModel):
-    strategy: Literal["replace", "ab_test", "shadow"]
+    strategy: Strategy
     challenger_traffic: float = Field(ge=0, le=1, description="share of requests the challenger answers (ab_test)")
 
 
@@ -129,8 +132,9 @@ class HealthOut(BaseModel):
     challenger_version: str | None = Field(description="the challenger's version, when one is loaded")
     challenger_loaded_at: str | None
     challenger_refused: dict[str, str] = Field(description="challenger versions that failed to load, with the reason")
-    routing: RoutingOut = Field(description="the routing read from the store (production only without a challenger)")
-    routing_note: str | None = Field(description="why the routing file is not in force (missing or invalid)")
+    routing: RoutingOut = Field(description="the routing in force (production only without a challenger)")
+    routing_note: str | None = Field(description="why the deployment record is not in force (missing or invalid)")
+    trial_id: str | None = Field(description="the A/B or shadow trial in progress, if any")
     shadow: ShadowOut | None = Field(description="shadow scoring counts (null without a prediction log)")
 
 
