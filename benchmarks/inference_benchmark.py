@@ -1,6 +1,6 @@
 """Inference benchmark: the nightly batch and the HTTP endpoint against their peers, on this machine, in one run.
 
-    python benchmarks/inference_benchmark.py [--mnist DIR] [--store LOCATION] [--train-images N]
+    python benchmarks/inference_benchmark.py [--mnist DIR] [--store LOCATION] [--train-images N] [--skip-batch]
 
 The model: the production bundle in `--store` (`models/production`), or else the default CNN
 (`TrainingConfig()`: channels 16/32, hidden 128) trained for one epoch on `--train-images` real
@@ -344,7 +344,7 @@ def main() -> None:
         f"model {bundle.version}: test accuracy {accuracy(bundle, images, labels):.4f} on {len(labels)} real test images"
     )
 
-    rows = batch_rows(bundle, checkpoint, images, args.repeats)
+    rows = [] if args.skip_batch else batch_rows(bundle, checkpoint, images, args.repeats)
     with tempfile.TemporaryDirectory() as folder:
         servers = []
         try:
@@ -372,6 +372,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--store", help="a store holding a production bundle (default: train one here)")
     parser.add_argument("--train-images", type=int, default=20_000, help="real images for the 1-epoch training")
     parser.add_argument("--repeats", type=int, default=3, help="batch runs (the best is reported)")
+    parser.add_argument("--skip-batch", action="store_true", help="measure the endpoints only")
     parser.add_argument("--rounds", type=int, default=3, help="endpoint rounds, the servers taking turns")
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests per server, payload and round")
     parser.add_argument("--clients", type=int, default=8)

@@ -1,52 +1,76 @@
-"""The real-time endpoint: FastAPI over the newest serving bundle in the store.
+"""The real-time endpoint: plain FastAPI over the newest serving bundle in the store.
 
-`DigitService` holds the deployment watcher (production, challenger, routing: see `serving/routing.py` for the
-contract with the Dagster side), the logs and the shadow scorer; each route is one of its methods, marked
-with `@route`, and `create_app` builds the FastAPI app from them. Every answer names its `prediction_id`,
-`arm` and `model_version`; the server remembers the ids it issued so that `POST /feedback` can take the
-true label of one. Every refusal is raised, as an
-`InputError` (the client's to fix) or `NoModel`, and turned into `{"detail": ...}` with its status by
-`refusal`, both by the FastAPI exception handlers and by the ASGI fast path for `POST /predict`.
+`DigitService` holds the deployment watcher (production, challenger, routing: see `serving/routing.py` for
+the contract with the Dagster side), the logs and the shadow scorer; its route methods are ordinary FastAPI
+endpoints, registered in `create_app`. Every answer names its `prediction_id`, `arm` and `model_version`;
+the server remembers the ids it issued so that `POST /feedback` can take the true label of one.
 
-Kept lean for a small CPU: the single-image endpoint is `async` and calls ONNX Runtime directly (one
-image takes less time than handing it to a worker thread would), bodies are parsed by hand rather
-than through pydantic, answers are serialised once with `json.dumps`, the routing is a few attribute
-reads, and the logs and the shadow scorer only enqueue. What `/docs` and `/openapi.json` show is described in `serving/openapi.py`.
+One error style: every refusal is raised, as an `InputError` (the client's to fix) or `NoModel`, and
+answered by one handler as `{"detail": message}` with its status; FastAPI's own (404, 405) have that shape.
+
+Bodies are read once, under the size limit, and validated by the pydantic models of `serving/models.py`
+(`model_validate_json`, in `service.parse_json`); answers are serialised once with orjson. `/openapi.json`
+is generated from the same models. Kept lean for a small CPU: the single-image endpoint is `async` and calls
+ONNX Runtime directly (one image takes less time than handing it to a worker thread would), the routing is a
+few attribute reads, and the logs and the shadow scorer only enqueue.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+import orjson
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from mnist_dagster.serving import openapi, page, routing, service
-from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
+from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.lifecycle.assignment import client_tag
+from mnist_dagster.scoring.preprocess import InputError
+from mnist_dagster.serving import page, service
+from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions
+from mnist_dagster.serving.models import (
+    FEEDBACK_REFUSALS,
+    IMAGE_FILE,
+    MAX_BODY_BYTES,
+    PREDICT_REFUSALS,
+    SUMMARY,
+    TITLE,
+    BatchIn,
+    BatchOut,
+    FeedbackIn,
+    FeedbackOut,
+    HealthOut,
+    PixelsIn,
+    PredictionOut,
+    description,
+    request_body,
+    with_request_schemas,
+)
 from mnist_dagster.serving.guards import FeedbackGuards
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
-from mnist_dagster.scoring.preprocess import InputError
-from mnist_dagster.serving.routing import Assignment, Router
-from mnist_dagster.serving.service import MAX_BODY_BYTES, Prediction
-from mnist_dagster.serving.watcher import DeploymentWatcher
+from mnist_dagster.serving.routing import CLIENT_KEY_HEADER, Assignment, Router
+from mnist_dagster.serving.service import Prediction
 from mnist_dagster.serving.shadow import ShadowScorer
-from mnist_dagster.digits import IMAGE_SIDE
+from mnist_dagster.serving.watcher import DeploymentWatcher
 from mnist_dagster.storage import Store
 
 JSON = "application/json"
-CLIENT_KEY = routing.CLIENT_KEY_HEADER.lower()
 NO_MODEL_DETAIL = "no model loaded yet: nothing is deployed in this store (materialize production_digit_classifier)"
+ClientKey = Annotated[
+    str | None,
+    Header(
+        alias=CLIENT_KEY_HEADER,
+        description="any stable client id: during an A/B test, the same key always gets the same arm",
+    ),
+]
 
 
 class NoModel(Exception):
@@ -58,41 +82,14 @@ class NoModel(Exception):
         super().__init__(message)
 
 
-Refusal = (InputError, NoModel)
+def json_response(content: Any, status: int = 200) -> Response:
+    """`content` serialised once, by orjson (no `jsonable_encoder` walk, no response-model validation)."""
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON)
 
 
-def refusal(error: InputError | NoModel) -> tuple[int, bytes]:
-    """The one error style: (status, JSON `{"detail": message}`) for every refused request."""
-    return error.status, json.dumps({"detail": str(error)}).encode()
-
-
-@dataclass(frozen=True)
-class RouteSpec:
-    """How a `DigitService` method is served and documented (keyword arguments of `add_api_route`)."""
-
-    method: str
-    path: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def route(method: str, path: str, **options: Any) -> Callable:
-    """Marks a `DigitService` method as the handler of `method path`. The method takes the bare
-    `Request` and returns a `Response`; `options` (`responses`, `openapi_extra`, `include_in_schema`,
-    ...) go to FastAPI's `add_api_route` and only shape the OpenAPI document."""
-
-    def mark(handler: Callable) -> Callable:
-        handler.route = RouteSpec(method, path, options)
-        return handler
-
-    return mark
-
-
-class DirectRoute(APIRoute):
-    """A route FastAPI documents like any other, but calls with the bare `Request`: the endpoint parses
-    the body itself and returns a `Response`, so no dependency solving or response validation runs."""
-
-    def get_route_handler(self):
-        return self.endpoint
+def refused(status: int, message: str) -> Response:
+    """The one error style: `{"detail": message}` with the status, for every refused request."""
+    return json_response({"detail": message}, status)
 
 
 @dataclass
@@ -166,47 +163,37 @@ class DigitService:
                     self.logs.predictions.record(record)
         return answers
 
-    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> bytes:
-        """The JSON answer to `POST /predict`, shared by the route and the fast path; raises a refusal."""
+    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> dict[str, Any]:
+        """The answer to `POST /predict`, without the HTTP; raises a refusal."""
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
-        return json.dumps(self.issue(assignment, pixels, predictions, "predict", client_key)[0]).encode()
+        return self.issue(assignment, pixels, predictions, "predict", client_key)[0]
 
-    @route("POST", "/predict", responses=openapi.answers(openapi.PredictionOut), openapi_extra=openapi.SINGLE_BODY)
-    async def predict(self, request: Request) -> Response:
+    async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
         """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
         `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
         preprocessed the MNIST way (see the description above)."""
-        body = await read_body(request.receive, request.headers.get("content-length"))
-        answer = self.answer_predict(body, request.headers.get("content-type"), request.headers.get(CLIENT_KEY))
-        return Response(answer, media_type=JSON)
+        body = await read_body(request)
+        return json_response(self.answer_predict(body, request.headers.get("content-type"), client_key))
 
-    @route("POST", "/predict/batch", responses=openapi.answers(openapi.BatchOut), openapi_extra=openapi.BATCH_BODY)
-    async def predict_batch(self, request: Request) -> Response:
+    async def predict_batch(self, request: Request, client_key: ClientKey = None) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
         answers in the same order, all from the same arm. One bad image fails the request, naming its index."""
-        assignment = self.assign(request.headers.get(CLIENT_KEY))
-        body = await read_body(request.receive, request.headers.get("content-length"))
+        body = await read_body(request)  # first: a body over the limit is a 413 before any 503
+        assignment = self.assign(client_key)
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
-        answers = self.issue(assignment, pixels, predictions, "predict/batch", request.headers.get(CLIENT_KEY))
-        return Response(json.dumps({"predictions": answers}), media_type=JSON)
+        return json_response({"predictions": self.issue(assignment, pixels, predictions, "predict/batch", client_key)})
 
-    @route(
-        "POST",
-        "/feedback",
-        status_code=202,
-        responses=openapi.answers(openapi.FeedbackOut, openapi.FEEDBACK_ERRORS, status=202),
-        openapi_extra=openapi.FEEDBACK_BODY,
-    )
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
         Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
         client = self.guards.admit(request)  # 401 without the token, 429 past the rate limit (serving/guards.py)
-        body = await read_body(request.receive, request.headers.get("content-length"))
-        prediction_id, label = parse_feedback(body, request.headers.get("content-type"))
+        body = await read_body(request)
+        feedback = service.parse_json(FeedbackIn, body, request.headers.get("content-type"))
+        prediction_id, label = feedback.prediction_id, feedback.label
         issued = self.issued.get(prediction_id)
         if issued is None:
             raise InputError(
@@ -215,38 +202,27 @@ class DigitService:
         if self.logs.feedback is not None:
             self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued, client=client))
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
-        return Response(json.dumps(answer), status_code=202, media_type=JSON)
+        return json_response(answer, 202)
 
-    @route("GET", "/health", responses={200: {"model": openapi.HealthOut}, 503: {"model": openapi.HealthOut}})
-    async def health(self, _request: Request) -> Response:
+    async def health(self) -> Response:
         """200 with the model version while a model is loaded; 503 while none is. Also the challenger, the
         routing in force and the shadow's counts."""
         status = self.watcher.status()
         loaded = status["model_version"] is not None
         shadow = self.shadow.status() if self.shadow else None
         answer = {"status": "ok" if loaded else "no model", **status, "shadow": shadow}
-        return Response(json.dumps(answer), status_code=200 if loaded else 503, media_type=JSON)
+        return json_response(answer, 200 if loaded else 503)
 
-    @route("GET", "/", include_in_schema=False)
-    async def index(self, _request: Request) -> Response:
+    async def index(self) -> Response:
         """The draw-a-digit page."""
-        return self._static_file(page.INDEX)
+        return self.static_file(page.INDEX)
 
-    @route("GET", "/static/{name}", include_in_schema=False)
-    async def static_file(self, request: Request) -> Response:
+    def static_file(self, name: str) -> Response:
         """The page's scripts and styles (a fixed set, read when the app was built)."""
-        return self._static_file(request.path_params["name"])
-
-    def _static_file(self, name: str) -> Response:
         if name not in self.static:
             raise InputError(f"no such file: {name[:64]!r}", 404)
         content, media_type = self.static[name]
         return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
-
-    def handlers(self) -> list[Callable]:
-        """The methods marked with `@route` (bound), in the order the class (then subclasses) define them."""
-        names = dict.fromkeys(name for cls in reversed(type(self).__mro__) for name in vars(cls))
-        return [getattr(self, name) for name in names if hasattr(getattr(type(self), name, None), "route")]
 
 
 def _parse_and_predict_batch(
@@ -257,103 +233,69 @@ def _parse_and_predict_batch(
     return pixels, service.predict(assignment.model.predictor, pixels)
 
 
-def create_app(
-    store: Store,
-    poll_seconds: float = 1.0,
-    prediction_log: PredictionLog | None = None,
-    fast_path: bool = True,
-    feedback_log: FeedbackLog | None = None,
-    guards: FeedbackGuards | None = None,
-) -> FastAPI:
-    """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    logs = Logs(prediction_log, feedback_log)
-    digits = DigitService(store, poll_seconds, logs, guards)
-    app = FastAPI(
-        title=openapi.TITLE,
-        summary=openapi.SUMMARY,
-        description=openapi.description(),
-        version="1",
-        lifespan=digits.lifespan,
-    )
-    app.state.service, app.state.watcher = digits, digits.watcher
-    for handler in digits.handlers():
-        spec: RouteSpec = handler.route
-        app.router.add_api_route(
-            spec.path,
-            handler,
-            methods=[spec.method],
-            response_model=None,
-            route_class_override=DirectRoute,
-            **spec.options,
-        )
-    for error_type in Refusal:
-        app.add_exception_handler(error_type, _refusal_response)
-    if fast_path:
-        app.add_middleware(PredictFastPath, answer=digits.answer_predict)
-    return app
-
-
-async def _refusal_response(_request: Request, error: Exception) -> Response:
-    status, payload = refusal(error)
-    return Response(payload, status_code=status, media_type=JSON)
-
-
-async def read_body(receive, declared_length: str | None) -> bytes:
-    """The body from the ASGI `receive` channel, refusing more than `MAX_BODY_BYTES` (before reading,
-    where the length is declared)."""
-    if declared_length is not None and declared_length.isdigit() and int(declared_length) > MAX_BODY_BYTES:
-        raise InputError(f"body is {int(declared_length)} bytes; the limit is {MAX_BODY_BYTES}", 413)
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
+async def read_body(request: Request) -> bytes:
+    """The body, refusing more than `MAX_BODY_BYTES` with a 413 in the one error style: before reading where
+    the length is declared, while reading where it is not. (FastAPI's own `max_body_size` answers a declared
+    length over the limit in plain text, whatever the app's handlers say.)"""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise InputError(f"body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise InputError(f"body is over the limit of {MAX_BODY_BYTES} bytes", 413)
         chunks.append(chunk)
-        more = message.get("more_body", False)
     return b"".join(chunks)
 
 
-class PredictFastPath:
-    """ASGI middleware that hands `POST /predict` straight to `answer` (`DigitService.answer_predict`),
-    skipping routing, request and response objects and the exception middleware: the bulk of what the
-    framework costs a small request. The route of the same path documents it in OpenAPI and runs the same
-    `answer` when the app is built with `fast_path=False`; refusals are answered by the same `refusal`
-    (the tests check both paths give the same answers)."""
-
-    def __init__(self, app, answer: Callable[[bytes, str | None, str | None], bytes]) -> None:
-        self.app, self.answer = app, answer
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        content_type, length = _header(headers, b"content-type"), _header(headers, b"content-length")
-        try:
-            body = await read_body(receive, length)
-            status, payload = 200, self.answer(body, content_type, _header(headers, CLIENT_KEY_BYTES))
-        except Refusal as error:
-            status, payload = refusal(error)
-        except ClientDisconnect:
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", JSON.encode()), (b"content-length", str(len(payload)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+# ----- the app ---------------------------------------------------------------------------------------------
 
 
-CLIENT_KEY_BYTES = CLIENT_KEY.encode()
+def create_app(
+    store: Store,
+    poll_seconds: float = 1.0,
+    prediction_log: PredictionLog | None = None,
+    feedback_log: FeedbackLog | None = None,
+    guards: FeedbackGuards | None = None,
+) -> FastAPI:
+    """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
+    digits = DigitService(store, poll_seconds, Logs(prediction_log, feedback_log), guards)
+    app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
+    app.state.service, app.state.watcher = digits, digits.watcher
+    app.post(
+        "/predict",
+        response_model=PredictionOut,
+        responses=PREDICT_REFUSALS,
+        openapi_extra=request_body({"image/png": IMAGE_FILE, "image/jpeg": IMAGE_FILE, JSON: PixelsIn}),
+    )(digits.predict)
+    app.post(
+        "/predict/batch",
+        response_model=BatchOut,
+        responses=PREDICT_REFUSALS,
+        openapi_extra=request_body({JSON: BatchIn}),
+    )(digits.predict_batch)
+    app.post(
+        "/feedback",
+        status_code=202,
+        response_model=FeedbackOut,
+        responses=FEEDBACK_REFUSALS,
+        openapi_extra=request_body({JSON: FeedbackIn}),
+    )(digits.feedback)
+    app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})(digits.health)
+    app.get("/", include_in_schema=False)(digits.index)
+    app.get("/static/{name}", include_in_schema=False)(digits.static_file)
+    app.add_exception_handler(InputError, _refusal)
+    app.add_exception_handler(NoModel, _refusal)
+    app.add_exception_handler(ClientDisconnect, _gone)
+    app.openapi = with_request_schemas(app)
+    return app
 
 
-def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
-    """A raw ASGI header as Starlette's `request.headers` gives it (latin-1), so both paths route alike."""
-    value = headers.get(name)
-    return value.decode("latin-1") if value is not None else None
+async def _refusal(_request: Request, error: Exception) -> Response:
+    return refused(error.status, str(error))
+
+
+async def _gone(_request: Request, _error: Exception) -> Response:
+    """A client that hung up mid-body: nobody reads the answer, and it is no server error either."""
+    return refused(400, "the client disconnected before sending the whole body")

@@ -25,8 +25,6 @@ from typing import Any
 
 from mnist_dagster.layout import FEEDBACK_PREFIX
 from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
-from mnist_dagster.scoring.preprocess import InputError
-from mnist_dagster.serving.service import JSON_TYPE, json_object, media_type
 from mnist_dagster.storage import Store
 
 Label = tuple[str, str]  # (arm, model version) of an issued prediction; one shared tuple per pair
@@ -91,24 +89,6 @@ class IssuedPredictions:
 
     def __len__(self) -> int:
         return len(self._newer) + len(self._older)
-
-
-def parse_feedback(body: bytes, content_type: str | None) -> tuple[str, int]:
-    """`{"prediction_id": str, "label": 0-9}` -> (id, label); raises `InputError` (400 bad JSON, 415, 422)."""
-    if media_type(content_type) != JSON_TYPE:
-        raise InputError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 415)
-    if not body:
-        raise InputError('empty body: send JSON {"prediction_id": "...", "label": 0-9}', 400)
-    document = json_object(body, allowed={"prediction_id", "label"})
-    missing = sorted({"prediction_id", "label"} - document.keys())
-    if missing:
-        raise InputError(f'missing field(s) {missing}: send {{"prediction_id": "...", "label": 0-9}}')
-    prediction_id, label = document["prediction_id"], document["label"]
-    if not isinstance(prediction_id, str):
-        raise InputError("'prediction_id' must be the string a prediction answered with")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 9:
-        raise InputError(f"'label' must be an integer digit 0-9 (got {label!r:.20})")
-    return prediction_id, label
 
 
 # ----- the latest label of each prediction -----------------------------------------------------------

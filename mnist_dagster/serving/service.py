@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import ValidationError
 
+from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.scoring.bundle import Predictor
-from mnist_dagster.scoring.preprocess import InputError, mnist_format, pixels_from_json, prepare_upload
+from mnist_dagster.scoring.preprocess import InputError, mnist_format, prepare_upload
+from mnist_dagster.serving.models import FIELD_RULES, ITEM_TAGS, Base64In, BatchIn, PixelsIn, RequestBody
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg"})
 JSON_TYPE = "application/json"
-MAX_BODY_BYTES = 1_000_000
-MAX_BATCH = 256
+Body = TypeVar("Body", bound=RequestBody)
 
 
 @dataclass(frozen=True)
@@ -46,69 +47,99 @@ def media_type(content_type: str | None) -> str:
 def parse_image(body: bytes, content_type: str | None) -> np.ndarray:
     """One image as a PNG/JPEG body or JSON `{"pixels": 28x28}` -> float32 (28, 28) in [0, 1]."""
     kind = media_type(content_type)
-    if kind not in IMAGE_TYPES and kind != JSON_TYPE:
+    if kind == JSON_TYPE:
+        return mnist_format(pixel_array(parse_json(PixelsIn, body, content_type)))
+    if kind not in IMAGE_TYPES:
         raise InputError(
             f"unsupported content type {content_type or '(none)'!r}: send image/png, image/jpeg or application/json",
             415,
         )
     if not body:
         raise InputError('empty body: send a PNG or JPEG image, or JSON {"pixels": 28 rows of 28 numbers 0-255}', 400)
-    if kind in IMAGE_TYPES:
-        return prepare_upload(body)
-    document = json_object(body, allowed={"pixels"})
-    if "pixels" not in document:
-        raise InputError('JSON body must be {"pixels": 28 rows of 28 numbers 0-255}')
-    return mnist_format(pixels_from_json(document["pixels"]))
+    return prepare_upload(body)
 
 
 def parse_batch(body: bytes, content_type: str | None) -> np.ndarray:
     """`{"images": [{"pixels": ...} | {"image_base64": "<PNG or JPEG>"}, ...]}` -> float32 (N, 28, 28)."""
-    if media_type(content_type) != JSON_TYPE:
-        raise InputError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 415)
-    if not body:
-        raise InputError('empty body: send JSON {"images": [...]}', 400)
-    items = json_object(body, allowed={"images"}).get("images")
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
-        raise InputError(f"'images' must be a list of 1 to {MAX_BATCH} images")
-    return np.stack([_batch_item(index, item) for index, item in enumerate(items)])
+    batch = parse_json(BatchIn, body, content_type)
+    return np.stack([_batch_item(index, item) for index, item in enumerate(batch.images)])
 
 
-def _batch_item(index: int, item: Any) -> np.ndarray:
+def _batch_item(index: int, item: PixelsIn | Base64In) -> np.ndarray:
     try:
-        if not isinstance(item, dict) or len(item) != 1 or not {"pixels", "image_base64"} & item.keys():
-            raise InputError('each image must be {"pixels": 28x28 numbers} or {"image_base64": "<PNG or JPEG>"}')
-        if "pixels" in item:
-            return mnist_format(pixels_from_json(item["pixels"]))
-        return prepare_upload(_base64(item["image_base64"]))
+        if isinstance(item, PixelsIn):
+            return mnist_format(pixel_array(item))
+        return prepare_upload(_base64(item.image_base64))
     except InputError as error:
         raise InputError(f"images[{index}]: {error}", error.status) from error
 
 
-def _base64(value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise InputError("'image_base64' must be a base64 string")
+def pixel_array(image: PixelsIn) -> np.ndarray:
+    """The validated rows as float32 (28, 28), values 0-255."""
+    return np.array(image.pixels, dtype=np.float32)
+
+
+def _base64(value: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as error:
         raise InputError(f"'image_base64' is not valid base64 ({error})") from error
 
 
-def json_object(body: bytes, allowed: set[str]) -> dict[str, Any]:
+def parse_json(model: type[Body], body: bytes, content_type: str | None) -> Body:
+    """A JSON body as `model`; raises `InputError`: 415 for another content type, 400 for an empty body or
+    invalid JSON, 422 for a document the model refuses (the message says where and what it expects)."""
+    if media_type(content_type) != JSON_TYPE:
+        raise InputError(f"unsupported content type {content_type or '(none)'!r}: send application/json", 415)
+    if not body:
+        raise InputError(f"empty body: send JSON {_shape(model)}", 400)
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise InputError(f"body is not valid JSON ({type(error).__name__})", 400) from error
-    if not isinstance(document, dict):
-        raise InputError(f"JSON body must be an object with {' or '.join(sorted(allowed))}")
-    unknown = document.keys() - allowed
-    if unknown:
-        raise InputError(f"unknown field(s) {sorted(unknown)}: expected {sorted(allowed)}")
-    return document
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise refusal(error.errors(include_url=False, include_input=False), model) from None
+
+
+def refusal(errors: list[dict[str, Any]], model: type[RequestBody]) -> InputError:
+    """Pydantic's validation errors for a `model` body -> one `InputError` in words: the unknown or missing
+    fields by name, else the first error at its place with the rule of the field it broke."""
+    first, shape = errors[0], _shape(model)
+    if first["type"] == "json_invalid":
+        return InputError(f"body is not valid JSON ({first['msg']})", 400)
+    places = [_place(error["loc"]) for error in errors]
+    if first["type"] == "model_type" and not places[0]:
+        return InputError(f"JSON body must be an object: send {shape}")
+    for kind, wording in (("extra_forbidden", "unknown"), ("missing", "missing")):
+        at_top = zip(errors, places)
+        names = sorted(str(place[0]) for error, place in at_top if error["type"] == kind and len(place) == 1)
+        if names:
+            return InputError(f"{wording} field(s) {names}: send {shape}")
+    return InputError(describe(first))
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One validation error as `where: what (the field's rule)`, e.g. `images[1].pixels[3]: List should have
+    at least 28 items after validation, not 27 ('pixels' must be 28 rows of 28 numbers between 0 and 255 ...)`."""
+    place = _place(error["loc"])
+    field = next((name for name in reversed(place) if name in FIELD_RULES), None)
+    rule = f" ('{field}' must be {FIELD_RULES[field]})" if field else ""
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in place).lstrip(".")
+    return f"{where or 'body'}: {error['msg']}{rule}"
+
+
+def _place(loc: tuple) -> tuple:
+    """A validation error's location without the batch item's model tag (not a field the client wrote)."""
+    return tuple(part for part in loc if part not in ITEM_TAGS)
+
+
+def _shape(model: type[RequestBody]) -> str:
+    """`{"prediction_id": ..., "label": ...}`: the fields a body of `model` has, for refusals."""
+    return "{" + ", ".join(f'"{name}": ...' for name in model.model_fields) + "}"
 
 
 def predict(predictor: Predictor, pixels: np.ndarray) -> list[Prediction]:
     """float32 (28, 28) or (N, 28, 28) in [0, 1] -> one `Prediction` per image."""
-    return [_prediction(row, predictor.version) for row in predictor.predict_proba(pixels.reshape(-1, 1, 28, 28))]
+    rows = predictor.predict_proba(pixels.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE))
+    return [_prediction(row, predictor.version) for row in rows]
 
 
 def _prediction(probabilities: np.ndarray, version: str) -> Prediction:
