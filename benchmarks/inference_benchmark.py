@@ -17,12 +17,17 @@ MNIST images right here. Test images are the real 10k MNIST test set.
   in the machine's other load falls on both. Ours is sent a PNG (what clients send) and, like for
   like with MLflow's JSON tensor, JSON pixels.
 Every loop is bounded; both servers listen on loopback only and are stopped at the end.
+
+`--journal-comparison` measures the write path instead (docs/write-path.md): `mnist-dagster serve` without
+the prediction journal (`--no-prediction-log`), with it at `MNIST_JOURNAL_FSYNC=interval` (the default) and at
+`always`, and MLflow, taking turns in the same rounds: p50 at c=1 and req/s at c=8, as ratios to no journal.
 """
 
 import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -344,6 +349,9 @@ def main() -> None:
         f"model {bundle.version}: test accuracy {accuracy(bundle, images, labels):.4f} on {len(labels)} real test images"
     )
 
+    if args.journal_comparison:
+        journal_comparison(bundle, images, labels, args)
+        return
     rows = batch_rows(bundle, checkpoint, images, args.repeats)
     with tempfile.TemporaryDirectory() as folder:
         servers = []
@@ -376,6 +384,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests per server, payload and round")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=150, help="requests per concurrent client and round")
+    parser.add_argument(
+        "--journal-comparison", action="store_true", help="the write path: no journal, interval, always (and MLflow)"
+    )
     return parser.parse_args()
 
 
@@ -480,6 +491,68 @@ def check_answers(payloads: dict, labels: np.ndarray) -> None:
         print(f"{name}: {correct}/20 of the first test images right")
         if correct < 15:
             raise RuntimeError(f"{name} answers wrongly: {digits}")
+
+
+# ---------------------------------------------------------------- the write path (--journal-comparison)
+JOURNAL_VARIANTS = {
+    "no journal": (["--no-prediction-log"], {}),
+    "journal interval": ([], {"MNIST_JOURNAL_FSYNC": "interval"}),
+    "journal always": ([], {"MNIST_JOURNAL_FSYNC": "always"}),
+}
+JOURNAL_TARGETS = {"p50": 1.2, "rate": 0.8}  # p50 within 1.2x of no journal, req/s at least 0.8x
+
+
+def start_ours_variant(bundle: Bundle, folder: Path, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """`mnist-dagster serve` on its own store and journal folder (on this machine's disk, not a tmpfs)."""
+    folder.mkdir(parents=True)
+    store = LocalStore(folder / "store")
+    publish(store, "serving", bundle)
+    port = free_port()
+    command = [sys.executable, "-m", "mnist_dagster.serving.cli", "serve", "--port", str(port),
+               "--store", str(store.root), "--journal-dir", str(folder / "journal"), *args]  # fmt: skip
+    process = launch(command, folder / "server.log", {**os.environ, **env})
+    wait_until_up(port, "/health", process, folder / "server.log")
+    return process, port
+
+
+def journal_comparison(bundle: Bundle, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> None:
+    """The variants and MLflow side by side in one run (`measure_endpoints`: rounds, servers taking turns)."""
+    base = Path(tempfile.mkdtemp(prefix="journal-benchmark-", dir=REPO_ROOT))  # the repo's disk: fsync is real
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for index, (name, (extra, env)) in enumerate(JOURNAL_VARIANTS.items()):
+            servers[name] = start_ours_variant(bundle, base / str(index), extra, env)
+        servers["mlflow JSON"] = start_mlflow(bundle, base)
+        payloads = {
+            name: (port, [http_request(port, "/predict", "application/json", json.dumps({"pixels": image.tolist()}).encode())
+                          for image in images[:200]])
+            for name, (_, port) in servers.items() if name != "mlflow JSON"
+        }  # fmt: skip
+        mlflow_port = servers["mlflow JSON"][1]
+        payloads["mlflow JSON"] = (mlflow_port, [
+            http_request(mlflow_port, "/invocations", "application/json",
+                         json.dumps({"inputs": (image[None, None] / 255).tolist()}).encode())
+            for image in images[:200]])  # fmt: skip
+        check_answers(payloads, labels)
+        results = measure_endpoints(payloads, args)
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+        shutil.rmtree(base, ignore_errors=True)
+    print_journal_table(results, args.clients)
+
+
+def print_journal_table(results: dict[str, dict[str, float]], clients: int) -> None:
+    plain, peer = results["no journal"], results["mlflow JSON"]
+    print(f"\n| server | p50 c=1 (ms) | p50 vs no journal | req/s c={clients} | req/s vs no journal | vs MLflow (p50; req/s) |")
+    print("|---|---|---|---|---|---|")
+    for name, result in results.items():
+        p50_ratio, rate_ratio = result["p50"] / plain["p50"], result["rate"] / plain["rate"]
+        met = name.startswith("journal") and p50_ratio <= JOURNAL_TARGETS["p50"] and rate_ratio >= JOURNAL_TARGETS["rate"]
+        verdict = " (met)" if met else (" (NOT met)" if name.startswith("journal") else "")
+        versus = f"{peer['p50'] / result['p50']:.1f}x; {result['rate'] / peer['rate']:.1f}x"
+        print(f"| {name} | {result['p50']:.2f} | {p50_ratio:.2f}x{verdict} | {result['rate']:,.0f} | {rate_ratio:.2f}x | {versus} |")
+    print(f"\ntargets: journal p50 <= {JOURNAL_TARGETS['p50']}x and req/s >= {JOURNAL_TARGETS['rate']}x of no journal")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
     serving/<v>/, CURRENT.json         the bundle the HTTP endpoint serves (published by digit_predictions)
     serving-challenger/<v>/, CURRENT.json   the challenger it also serves in an A/B test or in shadow
     serving-routing.json               how the endpoint splits traffic: strategy, challenger share
+    serving-secret.key                 dev only: the secret that signs prediction ids when MNIST_SERVING_SECRET is unset
     inbox/                             images waiting for the nightly batch (*.png, *.jpg, *.npz)
     predictions/                       the nightly batch's Parquet tables (scored/, rejected/) and its ledger
     prediction_log/                    what the HTTP endpoint answered, as JSON lines
@@ -29,6 +30,7 @@ PRODUCTION_ROOT = "models/production"
 SERVING_ROOT = "serving"
 CHALLENGER_ROOT = "serving-challenger"
 ROUTING_KEY = "serving-routing.json"
+SERVING_SECRET_KEY = "serving-secret.key"
 INBOX_PREFIX = "inbox"
 PREDICTIONS_PREFIX = "predictions"
 PREDICTION_LOG_PREFIX = "prediction_log"

@@ -4,6 +4,7 @@
 import functools
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def clients(tmp_path, routed):
 
 
 def _post(client: TestClient, body: bytes, content_type: str | None, client_key: str | None = None):
-    """(status, content type, answer without its prediction_id); the id is checked to be a fresh 32-hex one."""
+    """(status, content type, answer without its prediction_id); the id is checked to be a fresh signed one."""
     headers = {"content-type": content_type} if content_type else {}
     if client_key:
         headers["x-client-key"] = client_key
@@ -75,7 +76,7 @@ def _post(client: TestClient, body: bytes, content_type: str | None, client_key:
     payload = response.json()
     prediction_id = payload.pop("prediction_id", None)
     if response.status_code == 200:
-        assert len(prediction_id) == 32 and int(prediction_id, 16) >= 0 and prediction_id not in ISSUED
+        assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", prediction_id) and prediction_id not in ISSUED  # serving/ids.py
         ISSUED.add(prediction_id)
     return response.status_code, response.headers["content-type"], payload
 

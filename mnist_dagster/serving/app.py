@@ -3,8 +3,9 @@
 `DigitService` holds the watchers (production, challenger, routing: see `serving/routing.py` for the
 contract with the Dagster side), the logs and the shadow scorer; each route is one of its methods, marked
 with `@route`, and `create_app` builds the FastAPI app from them. Every answer names its `prediction_id`,
-`arm` and `model_version`; the server remembers the ids it issued so that `POST /feedback` can take the
-true label of one. Every refusal is raised, as an
+`arm` and `model_version`; its `prediction_id` is signed (`serving/ids.py`) so that `POST /feedback` on any
+replica can take the true label of one. Predictions and labels are journaled before the answer leaves
+(`serving/jsonl.py`, `serving/journal.py`) and shipped to the store (`serving/shipper.py`). Every refusal is raised, as an
 `InputError` (the client's to fix) or `NoModel`, and turned into `{"detail": ...}` with its status by
 `refusal`, both by the FastAPI exception handlers and by the ASGI fast path for `POST /predict`.
 
@@ -33,12 +34,14 @@ from starlette.requests import ClientDisconnect
 
 from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.serving import openapi, page, routing, service
-from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
-from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
+from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, parse_feedback
+from mnist_dagster.serving.ids import IdSigner
+from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord, ShadowAmendments
 from mnist_dagster.serving.preprocess import InputError
 from mnist_dagster.serving.routing import Assignment, Router, RoutingWatcher
 from mnist_dagster.serving.service import MAX_BODY_BYTES, ModelWatcher, Prediction
 from mnist_dagster.serving.shadow import ShadowScorer
+from mnist_dagster.serving.shipper import Shipper
 from mnist_dagster.storage import Store
 
 JSON = "application/json"
@@ -94,10 +97,12 @@ class DirectRoute(APIRoute):
 
 @dataclass
 class Logs:
-    """Where the service records what it did; either may be None (not recorded)."""
+    """Where the service records what it did; either may be None (not recorded). `shipper` moves their
+    journal to the store (None: whoever made the logs ships them)."""
 
     predictions: PredictionLog | None = None
     feedback: FeedbackLog | None = None
+    shipper: Shipper | None = None
 
 
 class DigitService:
@@ -112,6 +117,7 @@ class DigitService:
         logs: Logs | None = None,
         challenger_root: str = CHALLENGER_ROOT,
         routing_key: str = ROUTING_KEY,
+        signer: IdSigner | None = None,
     ) -> None:
         self.watcher = ModelWatcher(store, root, poll_seconds)
         # One ONNX thread for the challenger: its shadow batches then run on the shadow scorer's own (lowered
@@ -121,14 +127,16 @@ class DigitService:
         self.router = Router(self.watcher, self.challenger_watcher, self.routing_watcher)
         self.logs = logs or Logs()
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
-        self.shadow = ShadowScorer(self.logs.predictions) if self.logs.predictions else None
-        self.issued = IssuedPredictions()
+        # The shadow's digits follow their (already journaled) predictions as amendment lines.
+        self.shadow = ShadowScorer(ShadowAmendments(self.logs.predictions)) if self.logs.predictions else None  # type: ignore[arg-type]
+        # Without a configured secret the ids are good for this process only (tests, the OpenAPI document).
+        self.signer = signer or IdSigner(os.urandom(32))
         self.static = page.load_static()
 
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         # Started sinks first, sources last; stopped the other way, so the shadow's last digits reach the log.
-        parts = [self.logs.predictions, self.logs.feedback, self.shadow]
+        parts = [self.logs.shipper, self.shadow]
         parts += [self.routing_watcher, self.challenger_watcher, self.watcher]
         started = [part for part in parts if part is not None]
         for part in started:
@@ -149,23 +157,20 @@ class DigitService:
     def issue(
         self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str
     ) -> list[dict[str, Any]]:
-        """The answers to `predictions`, each with a new `prediction_id` (remembered for `/feedback`) and its
-        arm; their log records are handed to the log, or through the shadow scorer, which only enqueue."""
+        """The answers to `predictions`, each with a new signed `prediction_id` and its arm. Their log lines are
+        journaled (one write) before this returns; a full journal drops them, counted, and still answers.
+        In shadow mode the records also go to the shadow scorer, which only enqueues."""
         now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, 28, 28)
         answers, records = [], []
         for image, p in zip(images, predictions):
-            prediction_id = os.urandom(16).hex()
-            self.issued.add(prediction_id, assignment.label)
+            prediction_id = self.signer.mint(p.model_version, arm, p.digit, now)
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
             records.append(
                 PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image)
             )
-        if self.logs.predictions is not None:
+        if self.logs.predictions is not None and self.logs.predictions.record_many(records):
             if assignment.shadow is not None and self.shadow is not None:
                 self.shadow.submit(assignment.shadow, images, records)
-            else:
-                for record in records:
-                    self.logs.predictions.record(record)
         return answers
 
     def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> bytes:
@@ -205,16 +210,15 @@ class DigitService:
     )
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
-        Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
+        Accepted (202) for an id any replica issued, once journaled; 404 for an id no replica made, 410 past
+        the feedback TTL, 503 while the journal is full (the store unreachable for long)."""
         body = await read_body(request.receive, request.headers.get("content-length"))
         prediction_id, label = parse_feedback(body, request.headers.get("content-type"))
-        issued = self.issued.get(prediction_id)
-        if issued is None:
-            raise InputError(
-                f"unknown prediction_id {prediction_id[:64]!r}: not issued by this server (or long ago)", 404
-            )
-        if self.logs.feedback is not None:
-            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued))
+        now = time.time()
+        issued = self.signer.verify(prediction_id, now)
+        record = FeedbackRecord(now, prediction_id, label, issued.arm, issued.model_version)
+        if self.logs.feedback is not None and not self.logs.feedback.record(record):
+            raise InputError("the feedback journal is full (the store is unreachable): try again later", 503)
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
         return Response(json.dumps(answer), status_code=202, media_type=JSON)
 
@@ -226,6 +230,8 @@ class DigitService:
         loaded = status["model_version"] is not None
         shadow = self.shadow.status() if self.shadow else None
         answer = {"status": "ok" if loaded else "no model", **status, **self.router.status(), "shadow": shadow}
+        if self.logs.shipper is not None:
+            answer["journal"] = self.logs.shipper.status()
         return Response(json.dumps(answer), status_code=200 if loaded else 503, media_type=JSON)
 
     @route("GET", "/", include_in_schema=False)
@@ -267,10 +273,12 @@ def create_app(
     feedback_log: FeedbackLog | None = None,
     challenger_root: str = CHALLENGER_ROOT,
     routing_key: str = ROUTING_KEY,
+    shipper: Shipper | None = None,
+    signer: IdSigner | None = None,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    logs = Logs(prediction_log, feedback_log)
-    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key)
+    logs = Logs(prediction_log, feedback_log, shipper)
+    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key, signer)
     app = FastAPI(
         title=openapi.TITLE,
         summary=openapi.SUMMARY,
