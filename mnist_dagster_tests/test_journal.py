@@ -26,8 +26,8 @@ SECRET = b"a-test-secret-of-32-bytes-length"
 
 
 def feedback_line(index: int, at: float = 1_700_000_000.0) -> bytes:
-    record = {"time": f"2023-11-14T22:13:{index % 60:02d}.000000+00:00", "prediction_id": f"id-{index}", "label": index % 10,
-              "arm": "production", "model_version": "1"}  # fmt: skip
+    record = {"time": f"2023-11-14T22:13:{index % 60:02d}.000000+00:00", "prediction_id": f"id-{index}",
+              "label": index % 10, "arm": "production", "model_version": "1"}  # fmt: skip
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 

@@ -139,7 +139,8 @@ def test_sigkill_right_after_acknowledging_loses_nothing_and_the_restart_ships_e
 def moto_port(tmp_path, monkeypatch) -> int:
     """A port for this test's own moto server (stopped and started again on it), and a hermetic AWS env."""
     hermetic_aws(monkeypatch, tmp_path)
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    for name, value in credentials.items():
         monkeypatch.setenv(name, value)
     return free_port()
 
@@ -171,11 +172,13 @@ def test_a_store_outage_fills_the_journal_not_memory_and_nothing_is_lost(moto_po
             moto.stop()
             during = predict_many(endpoint.url, singles=50, batches=40, batch_size=250)
             labels.update(label_many(endpoint.url, during[:500]))
-            held = wait_for(
-                lambda: (j := endpoint.health()["journal"])["store_error"] and j["waiting_segments"] and j["held_bytes"],
-                timeout=60, message="the shipper to report the outage with segments waiting",
-            )  # fmt: skip
+            def outage_reported() -> int:
+                journal = endpoint.health()["journal"]
+                return journal["store_error"] and journal["waiting_segments"] and journal["held_bytes"]
+
+            held = wait_for(outage_reported, timeout=60, message="the shipper to report the outage, segments waiting")
             grown = endpoint.rss_bytes() - before
+            print(f"store outage: {held:,} bytes waiting in the journal, server RSS grew {grown:,} bytes")
             assert held > 12_000_000  # 10,050 predictions and 500 labels wait on disk ...
             assert grown < held / 2, (grown, held)  # ... not in memory
 
@@ -245,3 +248,22 @@ def test_threads_hammering_one_endpoint_get_every_row_in_the_store(store_dir, tm
     answered = [prediction_id for part in results for prediction_id in part]
     assert len(answered) == 480
     assert stored(store)[0] == Counter({prediction_id: 1 for prediction_id in answered})
+
+
+def test_a_full_journal_refuses_feedback_with_503_keeps_predicting_and_health_says_so(store_dir, tmp_path):
+    """Nothing is sealed for an hour, so the journal only grows: past its 30 kB, labels are refused (a 202
+    must mean kept), predictions are still answered and counted as dropped."""
+    endpoint = Endpoint(str(store_dir), tmp_path / "journal", tmp_path,
+                        "--log-flush-seconds", "3600", "--journal-max-bytes", "30000").start()  # fmt: skip
+    try:
+        answered = predict_many(endpoint.url, singles=60)  # about 1.3 kB a line: the last ~37 do not fit
+        response = httpx.post(f"{endpoint.url}/feedback", json={"prediction_id": answered[0], "label": 1}, timeout=10)
+        assert response.status_code == 503 and "journal is full" in response.json()["detail"]
+        journal = endpoint.health()["journal"]
+        assert journal["full"] and journal["refused_feedback"] == 1
+        assert 0 < journal["dropped_predictions"] < 60 and journal["held_bytes"] <= 30_000
+    finally:
+        endpoint.stop()
+    kept = stored(LocalStore(store_dir))[0]  # shipped on the graceful stop: what was journaled, once each
+    assert len(kept) == 60 - journal["dropped_predictions"] and set(kept.values()) == {1}
+    assert set(kept) == set(answered[: len(kept)])

@@ -5,7 +5,8 @@ contract with the Dagster side), the logs and the shadow scorer; each route is o
 with `@route`, and `create_app` builds the FastAPI app from them. Every answer names its `prediction_id`,
 `arm` and `model_version`; its `prediction_id` is signed (`serving/ids.py`) so that `POST /feedback` on any
 replica can take the true label of one. Predictions and labels are journaled before the answer leaves
-(`serving/jsonl.py`, `serving/journal.py`) and shipped to the store (`serving/shipper.py`). Every refusal is raised, as an
+(`serving/jsonl.py`, `serving/journal.py`) and shipped to the store (`serving/shipper.py`).
+Every refusal is raised, as an
 `InputError` (the client's to fix) or `NoModel`, and turned into `{"detail": ...}` with its status by
 `refusal`, both by the FastAPI exception handlers and by the ASGI fast path for `POST /predict`.
 
@@ -128,7 +129,8 @@ class DigitService:
         self.logs = logs or Logs()
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
         # The shadow's digits follow their (already journaled) predictions as amendment lines.
-        self.shadow = ShadowScorer(ShadowAmendments(self.logs.predictions)) if self.logs.predictions else None  # type: ignore[arg-type]
+        amendments = ShadowAmendments(self.logs.predictions) if self.logs.predictions else None
+        self.shadow = ShadowScorer(amendments) if amendments else None  # type: ignore[arg-type]
         # Without a configured secret the ids are good for this process only (tests, the OpenAPI document).
         self.signer = signer or IdSigner(os.urandom(32))
         self.static = page.load_static()

@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="the age at which a journal segment is sealed and shipped to the store (default 5)",
     )
-    serve.add_argument("--journal-dir", default=None, help="the journal folder (default: MNIST_JOURNAL_DIR or a temp folder)")
-    serve.add_argument("--journal-fsync", choices=FSYNC_MODES, default=None, help="default: MNIST_JOURNAL_FSYNC or interval")
+    serve.add_argument(
+        "--journal-dir", default=None, help="the journal folder (default: MNIST_JOURNAL_DIR or a temp folder)"
+    )
+    serve.add_argument(
+        "--journal-fsync", choices=FSYNC_MODES, default=None, help="default: MNIST_JOURNAL_FSYNC or interval"
+    )
     serve.add_argument(
         "--journal-max-bytes", type=int, default=None, help="disk the journal may hold before feedback gets 503 (2 GiB)"
     )

@@ -94,7 +94,8 @@ class IdSigner:
         issued_at = ((high << 32) | low) / 1000
         if now - issued_at > self.ttl_seconds:
             days = self.ttl_seconds / 86_400
-            raise InputError(f"prediction_id {prediction_id[:64]!r} is older than the feedback TTL ({days:g} days)", 410)
+            message = f"prediction_id {prediction_id[:64]!r} is older than the feedback TTL ({days:g} days)"
+            raise InputError(message, 410)
         version = payload[_HEADER.size + NONCE_BYTES :].decode("utf-8", errors="replace")
         return PredictionId(version, ARMS[arm], digit, issued_at)
 

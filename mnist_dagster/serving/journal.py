@@ -153,6 +153,7 @@ class Journal:
         self._dirty: set[int] = set()
         self.held_bytes = 0  # on disk and not yet shipped: this process's and adopted segments
         self.refused: Counter[str] = Counter()
+        self._refusing = False  # an append did not fit, and no shipped segment has made room since
         self.sealed_event = threading.Event()  # set when a segment is sealed: the shipper wakes up
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -162,8 +163,9 @@ class Journal:
     def append(self, stream: str, data: bytes, rows: int = 1) -> bool:
         """Appends `data` (whole JSON lines) to `stream`; False, writing nothing, when the journal is full."""
         with self._lock:
-            if self.held_bytes + len(data) > self.settings.max_bytes:
+            if self._refusing or self.held_bytes + len(data) > self.settings.max_bytes:  # full until room is made
                 self.refused[stream] += rows
+                self._refusing = True
                 return False
             segment = self._open.get(stream) or self._new_segment(stream)
             view = memoryview(data)
@@ -178,10 +180,12 @@ class Journal:
         return True
 
     def full(self) -> bool:
-        return self.held_bytes >= self.settings.max_bytes
+        """Whether appends are being refused: the budget is spent, or the last append did not fit."""
+        return self._refusing or self.held_bytes >= self.settings.max_bytes
 
     def status(self) -> JournalStatus:
-        return JournalStatus(self.settings.fsync, self.held_bytes, self.settings.max_bytes, self.full(), dict(self.refused))
+        settings = self.settings
+        return JournalStatus(settings.fsync, self.held_bytes, settings.max_bytes, self.full(), dict(self.refused))
 
     def _new_segment(self, stream: str) -> _OpenSegment:
         self._sequence += 1
@@ -229,10 +233,8 @@ class Journal:
         if self.settings.fsync == "interval":
             for fd in dirty:  # only this thread closes segments, so these descriptors are still open
                 os.fsync(fd)
-        now = time.monotonic()
-        self.seal(
-            lambda s: s.size >= self.settings.segment_bytes or (s.size and now - s.opened >= self.settings.segment_seconds)
-        )
+        now, limit, age = time.monotonic(), self.settings.segment_bytes, self.settings.segment_seconds
+        self.seal(lambda s: s.size >= limit or bool(s.size and now - s.opened >= age))
 
     def seal(self, due) -> list[Path]:
         """Closes the open segments `due(segment)` picks: fsync, close, rename to `.sealed`, fsync of the folder."""
@@ -267,6 +269,7 @@ class Journal:
         path.unlink()
         with self._lock:
             self.held_bytes = max(0, self.held_bytes - size)
+            self._refusing = False
 
 
 def seal_path(open_path: Path) -> Path:

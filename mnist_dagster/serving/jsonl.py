@@ -42,9 +42,12 @@ class LogRecord(Protocol):
     def line(self) -> dict[str, Any]: ...
 
 
+COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: `json.dumps` with options makes one per call
+
+
 def json_line(fields: dict[str, Any]) -> bytes:
     """One compact JSON line: `{"time":"...` first, which the shipper reads the day from without parsing."""
-    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+    return COMPACT.encode(fields).encode() + b"\n"
 
 
 class JsonLinesLog:
@@ -82,7 +85,8 @@ class JsonLinesLog:
             return
         shipper = Shipper(self.store, journal)
         if not shipper.ship_pending():
-            raise OSError(f"{self.prefix} log: the store refused the rows ({shipper.last_error}); they wait in {journal.folder}")
+            refused = f"{self.prefix} log: the store refused the rows ({shipper.last_error})"
+            raise OSError(f"{refused}; they wait in {journal.folder}")
         journal.close()
         self._journal = None
 

@@ -8,7 +8,7 @@ One line per prediction, keys in this order:
 
     {"time": ISO-8601 UTC, "prediction_id": str (`serving/ids.py`), "arm": "production" | "challenger",
      "model_version": str, "digit": 0-9, "confidence": float, "endpoint": "predict" | "predict/batch",
-     "image": base64 of 784 bytes}
+     "image": base64 of 784 bytes}                          <- last
 
 In shadow mode the challenger scores a request after it was answered (and journaled), so its digit follows as
 an amendment line, `{"time": the prediction's, "prediction_id", "shadow_digit", "shadow_version", "amends":
@@ -54,20 +54,23 @@ class PredictionRecord:
     shadow_digit: int | None = None
     shadow_version: str | None = None
 
-    def line(self, image: str | None = None) -> dict[str, Any]:
-        """The line's fields but `time`; `image` when the writer already encoded it with a whole batch."""
-        line = {
+    def fields(self) -> dict[str, Any]:
+        """The line's fields but `time` and `image`."""
+        fields = {
             "prediction_id": self.prediction_id,
             "arm": self.arm,
             "model_version": self.model_version,
             "digit": self.digit,
             "confidence": self.confidence,
             "endpoint": self.endpoint,
-            "image": image if image is not None else encode_images(self.pixels[None])[0],
         }
         if self.shadow_version is not None:
-            line["shadow_digit"], line["shadow_version"] = self.shadow_digit, self.shadow_version
-        return line
+            fields["shadow_digit"], fields["shadow_version"] = self.shadow_digit, self.shadow_version
+        return fields
+
+    def line(self, image: str | None = None) -> dict[str, Any]:
+        """The line's fields but `time`; `image` when the writer already encoded it with a whole batch."""
+        return {**self.fields(), "image": image if image is not None else encode_images(self.pixels[None])[0]}
 
 
 def encode_images(pixels: np.ndarray) -> list[str]:
@@ -89,10 +92,13 @@ class PredictionLog(JsonLinesLog):
         super().__init__(store, prefix, journal)
 
     def encode(self, records: Sequence[PredictionRecord]) -> bytes:  # type: ignore[override]
-        """The lines of `PredictionRecord`s, their images encoded together in one numpy pass."""
-        images = encode_images(np.stack([record.pixels for record in records]))
+        """The lines of `PredictionRecord`s, their images encoded together in one numpy pass. On the request
+        path, so the base64 image (no character JSON would escape) is spliced in rather than scanned by the
+        JSON encoder: a third of the cost of a line."""
+        pixels = records[0].pixels[None] if len(records) == 1 else np.stack([record.pixels for record in records])
         return b"".join(
-            json_line({"time": iso_utc(record.time), **record.line(image)}) for record, image in zip(records, images)
+            json_line({"time": iso_utc(record.time), **record.fields()})[:-2] + b',"image":"' + image.encode() + b'"}\n'
+            for record, image in zip(records, encode_images(pixels))
         )
 
     def record_shadow(self, records: Sequence[PredictionRecord]) -> bool:
