@@ -17,7 +17,7 @@ from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, latest_l
 from mnist_dagster.serving.ids import IdSigner, MissingSecret, serving_secret
 from mnist_dagster.serving.journal import Journal, JournalSettings
 from mnist_dagster.serving.jsonl import read_json_lines
-from mnist_dagster.serving.preprocess import InputError
+from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving.shipper import Shipper, ship_segment
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import wait_for

@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mnist_dagster.layout import SERVING_ROOT
-from mnist_dagster.serving import bundle
-from mnist_dagster.serving.ab_report import Trial, read_trial_logs
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.ab_report import Trial, read_trial_logs
 from mnist_dagster.serving.feedback import land_feedback, latest_labels, read_feedback
 from mnist_dagster.serving.ids import IdSigner, serving_secret
 from mnist_dagster.serving.prediction_log import read_prediction_log
@@ -110,7 +109,7 @@ def stored(store: Store) -> tuple[Counter, Counter]:
 
 @pytest.fixture
 def store_dir(tmp_path) -> Path:
-    bundle.publish(LocalStore(tmp_path / "store"), SERVING_ROOT, generated_model("1"))
+    deploy.make_production(LocalStore(tmp_path / "store"), generated_model("1"), "test")
     return tmp_path / "store"
 
 
@@ -160,7 +159,7 @@ def test_a_store_outage_fills_the_journal_not_memory_and_nothing_is_lost(moto_po
     try:
         s3_client(endpoint_url).create_bucket(Bucket="journal")
         store = S3Store(s3_client(endpoint_url), "journal", "mnist")
-        bundle.publish(store, SERVING_ROOT, generated_model("1"))
+        deploy.make_production(store, generated_model("1"), "test")
         endpoint = Endpoint("s3://journal/mnist", tmp_path / "journal", tmp_path, "--log-flush-seconds", "0.3",
                             env={"MNIST_SERVING_SECRET": SECRET, "AWS_ENDPOINT_URL": endpoint_url}).start()  # fmt: skip
         try:

@@ -2,10 +2,10 @@
 
     mnist-dagster serve [--host 127.0.0.1] [--port 8000] [--store LOCATION]
 
-Serves the production bundle under `serving/`, and a challenger under `serving-challenger/` as the
-routing file `serving-routing.json` says (see `serving/routing.py`); journals predictions and client
-feedback on local disk before answering and ships them to `prediction_log/` and `feedback/` (see
-docs/write-path.md). `GET /` is a page to draw a digit on.
+Serves the models the deployment record `deployment.json` names (production, and a challenger as its
+routing says; see `serving/routing.py`), following every change of it without a restart; journals
+predictions and client feedback on local disk before answering and ships them to `prediction_log/` and
+`feedback/` (see docs/write-path.md). `GET /` is a page to draw a digit on.
 
 Environment: `MNIST_SERVING_SECRET` signs prediction ids (required when `DAGSTER_DEPLOYMENT=prod`; in dev
 one is kept in the store), `MNIST_JOURNAL_DIR`, `MNIST_JOURNAL_FSYNC` (always | interval | off),
@@ -21,10 +21,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-
 from pathlib import Path
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.serving.journal import FSYNC_MODES
 from mnist_dagster.storage import default_data_dir
 
@@ -38,15 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store", default=None, help="local folder or s3://bucket/prefix (default: MNIST_DATA_DIR or <repo>/data)"
     )
-    serve.add_argument("--root", default=SERVING_ROOT, help=f"bundle root inside the store (default {SERVING_ROOT!r})")
     serve.add_argument(
-        "--challenger-root", default=CHALLENGER_ROOT, help=f"challenger bundle root (default {CHALLENGER_ROOT!r})"
-    )
-    serve.add_argument(
-        "--routing-key", default=ROUTING_KEY, help=f"routing file in the store (default {ROUTING_KEY!r})"
-    )
-    serve.add_argument(
-        "--poll-seconds", type=float, default=1.0, help="how often to look for a newly published model or routing"
+        "--poll-seconds", type=float, default=1.0, help="how often to read the deployment record for a change"
     )
     serve.add_argument(
         "--log-flush-seconds",
@@ -97,17 +88,14 @@ def serve(args: argparse.Namespace) -> None:
     prediction_log = None if args.no_prediction_log else PredictionLog(store, journal=journal)
     app = create_app(
         store,
-        root=args.root,
         poll_seconds=args.poll_seconds,
         prediction_log=prediction_log,
         feedback_log=FeedbackLog(store, journal=journal),
-        challenger_root=args.challenger_root,
-        routing_key=args.routing_key,
         shipper=Shipper(store, journal, poll_seconds=min(1.0, args.log_flush_seconds)),
         signer=signer,
     )
     logging.getLogger("mnist_dagster.serving").info(
-        "Serving models from %s (root %r); journal %s (fsync %s)", location, args.root, journal.folder, settings.fsync
+        "Serving the deployment recorded in %s; journal %s (fsync %s)", location, journal.folder, settings.fsync
     )
     # uvloop and httptools are picked automatically where installed; no access log on the request path.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")

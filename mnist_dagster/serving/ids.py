@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mnist_dagster.layout import SERVING_SECRET_KEY
-from mnist_dagster.serving.preprocess import InputError
+from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.storage import Store
 
 SECRET_VARIABLE = "MNIST_SERVING_SECRET"
