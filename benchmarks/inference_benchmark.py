@@ -17,12 +17,17 @@ MNIST images right here. Test images are the real 10k MNIST test set.
   in the machine's other load falls on both. Ours is sent a PNG (what clients send) and, like for
   like with MLflow's JSON tensor, JSON pixels.
 Every loop is bounded; both servers listen on loopback only and are stopped at the end.
+
+`--journal-comparison` measures the write path instead (docs/write-path.md): `mnist-dagster serve` without
+the prediction journal (`--no-prediction-log`), with it at `MNIST_JOURNAL_FSYNC=interval` (the default) and at
+`always`, and MLflow, taking turns in the same rounds: p50 at c=1 and req/s at c=8, as ratios to no journal.
 """
 
 import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -344,6 +349,9 @@ def main() -> None:
         f"model {bundle.version}: test accuracy {accuracy(bundle, images, labels):.4f} on {len(labels)} real test images"
     )
 
+    if args.journal_comparison:
+        journal_comparison(bundle, images, labels, args)
+        return
     rows = [] if args.skip_batch else batch_rows(bundle, checkpoint, images, args.repeats)
     with tempfile.TemporaryDirectory() as folder:
         servers = []
@@ -377,6 +385,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1000, help="sequential requests per server, payload and round")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=150, help="requests per concurrent client and round")
+    parser.add_argument(
+        "--journal-comparison", action="store_true", help="the write path: no journal, interval, always (and MLflow)"
+    )
     return parser.parse_args()
 
 
@@ -481,6 +492,102 @@ def check_answers(payloads: dict, labels: np.ndarray) -> None:
         print(f"{name}: {correct}/20 of the first test images right")
         if correct < 15:
             raise RuntimeError(f"{name} answers wrongly: {digits}")
+
+
+# ---------------------------------------------------------------- the write path (--journal-comparison)
+JOURNAL_VARIANTS = {
+    "no journal": (["--no-prediction-log"], {}),
+    "journal interval": ([], {"MNIST_JOURNAL_FSYNC": "interval"}),
+    "journal always": ([], {"MNIST_JOURNAL_FSYNC": "always"}),
+}
+JOURNAL_TARGETS = {"p50": 1.2, "rate": 0.8}  # p50 within 1.2x of no journal, req/s at least 0.8x
+
+
+def start_ours_variant(
+    bundle: Bundle, folder: Path, args: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen, int]:
+    """`mnist-dagster serve` on its own store and journal folder (on this machine's disk, not a tmpfs)."""
+    folder.mkdir(parents=True)
+    store = LocalStore(folder / "store")
+    deploy.make_production(store, bundle, "inference benchmark")
+    port = free_port()
+    command = [sys.executable, "-m", "mnist_dagster.serving.cli", "serve", "--port", str(port),
+               "--store", str(store.root), "--journal-dir", str(folder / "journal"), *args]  # fmt: skip
+    process = launch(command, folder / "server.log", {**os.environ, **env})
+    wait_until_up(port, "/health", process, folder / "server.log")
+    return process, port
+
+
+def journal_comparison(bundle: Bundle, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> None:
+    """The variants and MLflow side by side in one run (`measure_endpoints`: rounds, servers taking turns)."""
+    base = Path(tempfile.mkdtemp(prefix="journal-benchmark-", dir=REPO_ROOT))  # the repo's disk: fsync is real
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for index, (name, (extra, env)) in enumerate(JOURNAL_VARIANTS.items()):
+            servers[name] = start_ours_variant(bundle, base / str(index), extra, env)
+        servers["mlflow JSON"] = start_mlflow(bundle, base)
+        bodies = [json.dumps({"pixels": image.tolist()}).encode() for image in images[:200]]
+        payloads = {
+            name: (port, [http_request(port, "/predict", "application/json", body) for body in bodies])
+            for name, (_, port) in servers.items() if name != "mlflow JSON"
+        }  # fmt: skip
+        mlflow_port = servers["mlflow JSON"][1]
+        payloads["mlflow JSON"] = (mlflow_port, [
+            http_request(mlflow_port, "/invocations", "application/json",
+                         json.dumps({"inputs": (image[None, None] / 255).tolist()}).encode())
+            for image in images[:200]])  # fmt: skip
+        check_answers(payloads, labels)
+        results = measure_interleaved(payloads, args)
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+        shutil.rmtree(base, ignore_errors=True)
+    print_journal_table(results, args.clients)
+
+
+def measure_interleaved(payloads: dict, args: argparse.Namespace, slices: int = 10) -> dict[str, dict[str, float]]:
+    """Like `measure_endpoints`, but each round cut into `slices` short turns (the order rotating), and the
+    ratios to "no journal" taken per turn, then their median: on a machine whose other load swings within
+    seconds, a turn's ratio compares servers measured moments apart."""
+    names = list(payloads)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    p50s: dict[str, list[float]] = {name: [] for name in names}
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(args.rounds * slices):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            port, requests = payloads[name]
+            turn_latencies = sequential_latencies(port, requests, max(20, args.requests // slices), warmup=10)
+            latencies[name] += turn_latencies
+            p50s[name].append(float(np.median(turn_latencies)))
+            rates[name].append(concurrent_rate(port, requests, args.clients, max(5, args.per_client // slices))[0])
+    return {
+        name: {
+            "p50": percentile_ms(latencies[name], 50),
+            "rate": float(np.median(rates[name])),
+            "p50_ratio": float(np.median(np.array(p50s[name]) / np.array(p50s["no journal"]))),
+            "rate_ratio": float(np.median(np.array(rates[name]) / np.array(rates["no journal"]))),
+            "p50_vs_mlflow": float(np.median(np.array(p50s["mlflow JSON"]) / np.array(p50s[name]))),
+            "rate_vs_mlflow": float(np.median(np.array(rates[name]) / np.array(rates["mlflow JSON"]))),
+        }
+        for name in names
+    }
+
+
+def print_journal_table(results: dict[str, dict[str, float]], clients: int) -> None:
+    header = f"| server | p50 c=1 (ms) | p50 vs no journal | req/s c={clients} | req/s vs no journal |"
+    print(f"\n{header} vs MLflow (p50; req/s) |")
+    print("|---|---|---|---|---|---|")
+    for name, result in results.items():
+        p50_ratio, rate_ratio = result["p50_ratio"], result["rate_ratio"]
+        journaled = name.startswith("journal")
+        met = journaled and p50_ratio <= JOURNAL_TARGETS["p50"] and rate_ratio >= JOURNAL_TARGETS["rate"]
+        verdict = " (met)" if met else (" (NOT met)" if journaled else "")
+        versus = f"{result['p50_vs_mlflow']:.1f}x; {result['rate_vs_mlflow']:.1f}x"
+        cells = [name, f"{result['p50']:.2f}", f"{p50_ratio:.2f}x{verdict}", f"{result['rate']:,.0f}"]
+        cells.append(f"{rate_ratio:.2f}x")
+        print(f"| {' | '.join(cells)} | {versus} |")
+    print(f"\ntargets: journal p50 <= {JOURNAL_TARGETS['p50']}x and req/s >= {JOURNAL_TARGETS['rate']}x of no journal")
+    print("ratios: the median over turns of each turn's ratio (servers measured moments apart); p50 and req/s: pooled")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
     models/<v>/model.onnx, bundle.json   every model bundle that passed the gate, immutable, by version
     deployment.json                    THE deployment record: production, challenger, strategy, share, trial,
                                        history (lifecycle/record.py); every reader follows it, nothing is copied
+    serving-secret.key                 dev only: the secret signing prediction ids when MNIST_SERVING_SECRET is unset
     inbox/                             images waiting for the nightly batch (*.png, *.jpg, *.npz)
     predictions/                       the nightly batch's Parquet tables (scored/, rejected/) and its ledger
     prediction_log/                    what the HTTP endpoint answered, as JSON lines
@@ -27,6 +28,7 @@ CACHE_PREFIX = "cache"
 LANDING_PREFIX = "landing"
 MODELS_PREFIX = "models"
 DEPLOYMENT_KEY = "deployment.json"
+SERVING_SECRET_KEY = "serving-secret.key"
 INBOX_PREFIX = "inbox"
 PREDICTIONS_PREFIX = "predictions"
 PREDICTION_LOG_PREFIX = "prediction_log"

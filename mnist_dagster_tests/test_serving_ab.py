@@ -73,12 +73,14 @@ def post_png(client: httpx.Client, png: bytes, key: str | None = None) -> dict:
     return response.json()
 
 
-def logged_lines(store: LocalStore, ids: set[str]) -> dict[str, dict]:
-    """The prediction log's lines for `ids`, once every one of them is written."""
+def logged_lines(store: LocalStore, ids: set[str], shadowed: bool = False) -> dict[str, dict]:
+    """The prediction log's lines for `ids`, once every one of them is written (`shadowed`: and the shadow's
+    digit for each, which follows its prediction's line as an amendment: docs/write-path.md)."""
 
     def all_written() -> dict[str, dict] | None:
         lines = {line["prediction_id"]: line for line in read_prediction_log(store) if line["prediction_id"] in ids}
-        return lines if len(lines) == len(ids) else None
+        complete = not shadowed or all("shadow_digit" in line for line in lines.values())
+        return lines if len(lines) == len(ids) and complete else None
 
     return wait_for(all_written, message=f"{len(ids)} prediction log lines")
 
@@ -181,7 +183,7 @@ def test_shadow_answers_from_production_and_logs_the_challengers_digit(server, c
         batch = client.post("/predict/batch", json={"images": [{"pixels": image.tolist()} for image in images[:8]]})
         answers += batch.json()["predictions"]
     assert {(a["arm"], a["model_version"]) for a in answers} == {("production", "1")}
-    lines = logged_lines(server.store, {a["prediction_id"] for a in answers})
+    lines = logged_lines(server.store, {a["prediction_id"] for a in answers}, shadowed=True)
     expected = bundle.Predictor(challenger).predict_proba(np.concatenate([images, images[:8]])[:, None] / 255)
     for index, (answer, challenger_digit) in enumerate(zip(answers, expected.argmax(axis=1))):
         line = lines[answer["prediction_id"]]

@@ -88,8 +88,9 @@ def test_the_schema_documents_every_route_its_bodies_and_its_refusals():
     assert set(paths["/health"]["get"]["responses"]) == {"200", "503"}
     feedback = paths["/feedback"]["post"]
     assert set(feedback["requestBody"]["content"]) == {"application/json"}
-    # 404: an id never issued; 401 and 429: the optional token and the rate limit (serving/guards.py)
-    assert set(feedback["responses"]) == {"202", "400", "401", "404", "413", "415", "422", "429"}
+    # 404: an id never issued, 410: past the TTL, 503: the journal full; 401 and 429: the optional token and the
+    # rate limit (serving/guards.py)
+    assert set(feedback["responses"]) == {"202", "400", "401", "404", "410", "413", "415", "422", "429", "503"}
 
 
 def test_the_request_schemas_are_the_models_the_server_validates_with():

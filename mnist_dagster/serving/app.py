@@ -3,7 +3,9 @@
 `DigitService` holds the deployment watcher (production, challenger, routing: see `serving/routing.py` for
 the contract with the Dagster side), the logs and the shadow scorer; its route methods are ordinary FastAPI
 endpoints, registered in `create_app`. Every answer names its `prediction_id`, `arm` and `model_version`;
-the server remembers the ids it issued so that `POST /feedback` can take the true label of one.
+its `prediction_id` is signed (`serving/ids.py`) so that `POST /feedback` on any replica can take the true
+label of one. Predictions and labels are journaled before the answer leaves (`serving/jsonl.py`,
+`serving/journal.py`) and shipped to the store (`serving/shipper.py`).
 
 One error style: every refusal is raised, as an `InputError` (the client's to fix) or `NoModel`, and
 answered by one handler as `{"detail": message}` with its status; FastAPI's own (404, 405) have that shape.
@@ -35,7 +37,8 @@ from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.lifecycle.assignment import client_tag
 from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving import page, service
-from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions
+from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord
+from mnist_dagster.serving.ids import IdSigner
 from mnist_dagster.serving.models import (
     FEEDBACK_REFUSALS,
     IMAGE_FILE,
@@ -55,10 +58,11 @@ from mnist_dagster.serving.models import (
     with_request_schemas,
 )
 from mnist_dagster.serving.guards import FeedbackGuards
-from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
+from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord, ShadowAmendments
 from mnist_dagster.serving.routing import CLIENT_KEY_HEADER, Assignment, Router
 from mnist_dagster.serving.service import Prediction
 from mnist_dagster.serving.shadow import ShadowScorer
+from mnist_dagster.serving.shipper import Shipper
 from mnist_dagster.serving.watcher import DeploymentWatcher
 from mnist_dagster.storage import Store
 
@@ -94,17 +98,24 @@ def refused(status: int, message: str) -> Response:
 
 @dataclass
 class Logs:
-    """Where the service records what it did; either may be None (not recorded)."""
+    """Where the service records what it did; either may be None (not recorded). `shipper` moves their
+    journal to the store (None: whoever made the logs ships them)."""
 
     predictions: PredictionLog | None = None
     feedback: FeedbackLog | None = None
+    shipper: Shipper | None = None
 
 
 class DigitService:
     """The service over `store`: serves the models the deployment record names, and follows it as it moves."""
 
     def __init__(
-        self, store: Store, poll_seconds: float, logs: Logs | None = None, guards: FeedbackGuards | None = None
+        self,
+        store: Store,
+        poll_seconds: float,
+        logs: Logs | None = None,
+        guards: FeedbackGuards | None = None,
+        signer: IdSigner | None = None,
     ) -> None:
         # One ONNX thread for the challenger: its shadow batches then run on the shadow scorer's own (lowered
         # priority) thread and never take more than one core from production; a single image is no slower.
@@ -112,15 +123,18 @@ class DigitService:
         self.router = Router(self.watcher)
         self.logs = logs or Logs()
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
-        self.shadow = ShadowScorer(self.logs.predictions) if self.logs.predictions else None
-        self.issued = IssuedPredictions()
+        # The shadow's digits follow their (already journaled) predictions as amendment lines.
+        amendments = ShadowAmendments(self.logs.predictions) if self.logs.predictions else None
+        self.shadow = ShadowScorer(amendments) if amendments else None  # type: ignore[arg-type]
+        # Without a configured secret the ids are good for this process only (tests, the OpenAPI document).
+        self.signer = signer or IdSigner(os.urandom(32))
         self.guards = guards or FeedbackGuards()  # none configured: anyone may post, no rate limit
         self.static = self.guards.page_files(page.load_static())
 
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         # Started sinks first, sources last; stopped the other way, so the shadow's last digits reach the log.
-        parts = [self.logs.predictions, self.logs.feedback, self.shadow]
+        parts = [self.logs.shipper, self.shadow]
         parts.append(self.watcher)
         started = [part for part in parts if part is not None]
         for part in started:
@@ -142,25 +156,22 @@ class DigitService:
         self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str,
         client_key: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The answers to `predictions`, each with a new `prediction_id` (remembered for `/feedback`) and its
-        arm; their log records are handed to the log, or through the shadow scorer, which only enqueue."""
+        """The answers to `predictions`, each with a new signed `prediction_id` and its arm. Their log lines are
+        journaled (one write) before this returns; a full journal drops them, counted, and still answers.
+        In shadow mode the records also go to the shadow scorer, which only enqueues."""
         now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
         client = client_tag(client_key) if client_key else None  # the A/B report counts clients, not requests
         answers, records = [], []
         for image, p in zip(images, predictions):
-            prediction_id = os.urandom(16).hex()
-            self.issued.add(prediction_id, assignment.label)
+            prediction_id = self.signer.mint(p.model_version, arm, p.digit, now)
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
             records.append(
                 PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image,
                                  client=client)  # fmt: skip
             )
-        if self.logs.predictions is not None:
+        if self.logs.predictions is not None and self.logs.predictions.record_many(records):
             if assignment.shadow is not None and self.shadow is not None:
                 self.shadow.submit(assignment.shadow, images, records)
-            else:
-                for record in records:
-                    self.logs.predictions.record(record)
         return answers
 
     def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> dict[str, Any]:
@@ -189,18 +200,16 @@ class DigitService:
 
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.
-        Accepted (202) for an id this server issued, then written to the feedback log within seconds."""
+        Accepted (202) for an id any replica issued, once journaled; 404 for an id no replica made, 410 past
+        the feedback TTL, 503 while the journal is full (the store unreachable for long)."""
         client = self.guards.admit(request)  # 401 without the token, 429 past the rate limit (serving/guards.py)
         body = await read_body(request)
         feedback = service.parse_json(FeedbackIn, body, request.headers.get("content-type"))
-        prediction_id, label = feedback.prediction_id, feedback.label
-        issued = self.issued.get(prediction_id)
-        if issued is None:
-            raise InputError(
-                f"unknown prediction_id {prediction_id[:64]!r}: not issued by this server (or long ago)", 404
-            )
-        if self.logs.feedback is not None:
-            self.logs.feedback.record(FeedbackRecord(time.time(), prediction_id, label, *issued, client=client))
+        prediction_id, label, now = feedback.prediction_id, feedback.label, time.time()
+        issued = self.signer.verify(prediction_id, now)
+        record = FeedbackRecord(now, prediction_id, label, issued.arm, issued.model_version, client=client)
+        if self.logs.feedback is not None and not self.logs.feedback.record(record):
+            raise InputError("the feedback journal is full (the store is unreachable): try again later", 503)
         answer = {"prediction_id": prediction_id, "label": label, "recorded": self.logs.feedback is not None}
         return json_response(answer, 202)
 
@@ -211,6 +220,8 @@ class DigitService:
         loaded = status["model_version"] is not None
         shadow = self.shadow.status() if self.shadow else None
         answer = {"status": "ok" if loaded else "no model", **status, "shadow": shadow}
+        if self.logs.shipper is not None:
+            answer["journal"] = self.logs.shipper.status()
         return json_response(answer, 200 if loaded else 503)
 
     async def index(self) -> Response:
@@ -258,9 +269,11 @@ def create_app(
     prediction_log: PredictionLog | None = None,
     feedback_log: FeedbackLog | None = None,
     guards: FeedbackGuards | None = None,
+    shipper: Shipper | None = None,
+    signer: IdSigner | None = None,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    digits = DigitService(store, poll_seconds, Logs(prediction_log, feedback_log), guards)
+    digits = DigitService(store, poll_seconds, Logs(prediction_log, feedback_log, shipper), guards, signer)
     app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
     app.state.service, app.state.watcher = digits, digits.watcher
     app.post(

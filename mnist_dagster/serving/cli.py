@@ -3,8 +3,13 @@
     mnist-dagster serve [--host 127.0.0.1] [--port 8000] [--store LOCATION]
 
 Serves the models the deployment record `deployment.json` names (production, and a challenger as its
-routing says; see `serving/routing.py`), following every change of it without a restart; logs predictions under
-`prediction_log/` and client feedback under `feedback/`. `GET /` is a page to draw a digit on.
+routing says; see `serving/routing.py`), following every change of it without a restart; journals
+predictions and client feedback on local disk before answering and ships them to `prediction_log/` and
+`feedback/` (see docs/write-path.md). `GET /` is a page to draw a digit on.
+
+Environment: `MNIST_SERVING_SECRET` signs prediction ids (required when `DAGSTER_DEPLOYMENT=prod`; in dev
+one is kept in the store), `MNIST_JOURNAL_DIR`, `MNIST_JOURNAL_FSYNC` (always | interval | off),
+`MNIST_JOURNAL_MAX_BYTES`; the options below win over them.
 
 LOCATION is a local folder or `s3://bucket/prefix` (boto3 reads AWS credentials, `AWS_REGION` and
 `AWS_ENDPOINT_URL` itself); it defaults to the dev data folder, `MNIST_DATA_DIR` or `<repo>/data`.
@@ -16,8 +21,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mnist_dagster.serving.journal import FSYNC_MODES
 from mnist_dagster.storage import default_data_dir
 
 if TYPE_CHECKING:
@@ -37,7 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll-seconds", type=float, default=1.0, help="how often to read the deployment record for a change"
     )
     serve.add_argument(
-        "--log-flush-seconds", type=float, default=5.0, help="how often the prediction and feedback logs are written"
+        "--log-flush-seconds",
+        type=float,
+        default=5.0,
+        help="the age at which a journal segment is sealed and shipped to the store (default 5)",
+    )
+    serve.add_argument(
+        "--journal-dir", default=None, help="the journal folder (default: MNIST_JOURNAL_DIR or a temp folder)"
+    )
+    serve.add_argument(
+        "--journal-fsync", choices=FSYNC_MODES, default=None, help="default: MNIST_JOURNAL_FSYNC or interval"
+    )
+    serve.add_argument(
+        "--journal-max-bytes", type=int, default=None, help="disk the journal may hold before feedback gets 503 (2 GiB)"
+    )
+    serve.add_argument(
+        "--feedback-ttl-days", type=float, default=30.0, help="feedback for older predictions gets 410 (default 30)"
     )
     serve.add_argument(
         "--no-prediction-log", action="store_true", help="do not record served predictions (nor shadow-score)"
@@ -78,20 +100,36 @@ def serve(args: argparse.Namespace) -> None:
 
     from mnist_dagster.serving.app import create_app
     from mnist_dagster.serving.feedback import FeedbackLog
+    from mnist_dagster.serving.ids import IdSigner, serving_secret
+    from mnist_dagster.serving.journal import Journal, JournalSettings
     from mnist_dagster.serving.prediction_log import PredictionLog
+    from mnist_dagster.serving.shipper import Shipper
     from mnist_dagster.storage import open_store
 
     location = args.store or str(default_data_dir())  # the dev data folder, as the Dagster resources compute it
     store = open_store(location)
-    prediction_log = None if args.no_prediction_log else PredictionLog(store, flush_seconds=args.log_flush_seconds)
+    signer = IdSigner(serving_secret(store), ttl_days=args.feedback_ttl_days)  # prod without a secret stops here
+    settings = JournalSettings.from_env(
+        store.uri(""),
+        directory=Path(args.journal_dir) if args.journal_dir else None,
+        fsync=args.journal_fsync,
+        max_bytes=args.journal_max_bytes,
+        segment_seconds=args.log_flush_seconds,
+    )
+    journal = Journal(settings, store.uri(""))
+    prediction_log = None if args.no_prediction_log else PredictionLog(store, journal=journal)
     app = create_app(
         store,
         poll_seconds=args.poll_seconds,
         prediction_log=prediction_log,
-        feedback_log=FeedbackLog(store, flush_seconds=args.log_flush_seconds),
+        feedback_log=FeedbackLog(store, journal=journal),
+        shipper=Shipper(store, journal, poll_seconds=min(1.0, args.log_flush_seconds)),
+        signer=signer,
         guards=feedback_guards(args),
     )
-    logging.getLogger("mnist_dagster.serving").info("Serving the deployment recorded in %s", location)
+    logging.getLogger("mnist_dagster.serving").info(
+        "Serving the deployment recorded in %s; journal %s (fsync %s)", location, journal.folder, settings.fsync
+    )
     # uvloop and httptools are picked automatically where installed; no access log on the request path.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
 

@@ -1,14 +1,19 @@
-"""JSON-lines logs in the store, written off the request path: the one writer behind the prediction log and
-the feedback log.
+"""JSON-lines logs in the store, written through the local journal: the one writer behind the prediction log
+and the feedback log.
 
-A request only appends a record to a queue, which costs next to nothing. A background thread turns what
-is queued into JSON lines every `encode_seconds` (a quarter of a second: small steady batches, rather than
-one burst per flush that would hold the GIL long enough to show in the request path's p99; and what
-waits in memory is the compact line, not the request's arrays), and every `flush_seconds` writes one new
-object per day: `<prefix>/date=YYYY-MM-DD/<UTC time>-<host>-<pid>-<sequence>.jsonl`. New objects rather than appends,
-because S3 cannot append; several replicas can log to the same store without colliding. If the store is
-unreachable the lines wait in memory (up to `max_pending`, then the oldest are dropped and the count is
-logged) and are written on a later flush. `stop()` writes whatever is queued.
+`record` encodes a record as one compact JSON line (`time` first, as ISO 8601 UTC) and appends it to the
+journal (`serving/journal.py`) with one `os.write`, on the caller's thread: when it returns True the line is
+in the kernel, and the HTTP answer may leave. The shipper (`serving/shipper.py`) moves sealed journal
+segments to the store as
+
+    <prefix>/date=YYYY-MM-DD/<UTC time sealed>-<host>-<pid>-<start>-<sequence>.jsonl
+
+New objects rather than appends, because S3 cannot append; several replicas log to the same store without
+colliding. A log built without a journal (tests and scripts that write a log directly) makes a private one
+and `flush()` seals and ships it at once.
+
+Readers: `read_json_lines` folds amendment lines (`"amends": "prediction"`: the shadow's digit for a
+prediction journaled before the challenger scored it) into the line they amend.
 """
 
 from __future__ import annotations
@@ -16,19 +21,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import queue
-import re
-import socket
-import threading
-import time
-from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from mnist_dagster.serving.journal import Journal, JournalSettings, default_journal_dir
+from mnist_dagster.serving.shipper import Shipper
 from mnist_dagster.storage import Store
 
 logger = logging.getLogger("mnist_dagster.serving")
+
+AMENDS = "amends"  # an amendment line's marker: its fields are merged into the line of its prediction_id
 
 
 class LogRecord(Protocol):
@@ -39,100 +42,53 @@ class LogRecord(Protocol):
     def line(self) -> dict[str, Any]: ...
 
 
+COMPACT = json.JSONEncoder(separators=(",", ":"))  # made once: `json.dumps` with options makes one per call
+
+
+def json_line(fields: dict[str, Any]) -> bytes:
+    """One compact JSON line: `{"time":"...` first, which the shipper reads the day from without parsing."""
+    return COMPACT.encode(fields).encode() + b"\n"
+
+
 class JsonLinesLog:
-    """Queues records on the request path; a background thread writes them as JSON lines under `prefix`."""
+    """Journals records as JSON lines of the stream `prefix`; the shipper puts them under `prefix` in the store."""
 
-    def __init__(
-        self,
-        store: Store,
-        prefix: str,
-        flush_seconds: float = 5.0,
-        max_pending: int = 1_000_000,
-        encode_seconds: float = 0.25,
-    ) -> None:
-        self.store, self.prefix, self.flush_seconds, self.max_pending = store, prefix, flush_seconds, max_pending
-        self.encode_seconds = min(encode_seconds, flush_seconds)
-        self._queue: queue.SimpleQueue[LogRecord] = queue.SimpleQueue()
-        self._pending: list[tuple[str, str]] = []  # (day, JSON line), oldest first
-        self._writer_id = f"{re.sub(r'[^A-Za-z0-9.-]', '-', socket.gethostname())}-{os.getpid()}"
-        self._sequence = 0
-        self._lock = threading.Lock()  # the background thread and `stop`'s last flush never interleave
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    def __init__(self, store: Store, prefix: str, journal: Journal | None = None) -> None:
+        self.store, self.prefix = store, prefix
+        self._journal, self._private = journal, journal is None
 
-    def record(self, record: LogRecord) -> None:
-        """Called on the request path: enqueue only."""
-        self._queue.put(record)
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:  # no server around: a private journal, shipped by `flush`
+            uri = self.store.uri("")
+            self._journal = Journal(JournalSettings(default_journal_dir(uri), fsync="off"), uri)
+        return self._journal
 
-    def encode(self, records: list[LogRecord]) -> list[str]:
-        """The JSON lines of `records`, `time` first as ISO 8601 UTC; a subclass may encode a batch at once."""
-        return [json.dumps({"time": iso_utc(record.time), **record.line()}) for record in records]
+    def encode(self, records: Sequence[LogRecord]) -> bytes:
+        """The JSON lines of `records`; a subclass may encode a batch at once."""
+        return b"".join(json_line({"time": iso_utc(record.time), **record.line()}) for record in records)
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"log-{self.prefix}", daemon=True)
-        self._thread.start()
+    def record(self, record: LogRecord) -> bool:
+        """Journals one record; False when the journal is full (nothing written)."""
+        return self.record_many([record])
 
-    def stop(self) -> None:
-        """Write what is queued, then stop."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.flush()
-
-    def _run(self) -> None:
-        last_write = time.monotonic()
-        while not self._stop.wait(self.encode_seconds):
-            with self._lock:
-                self._drain()
-            if time.monotonic() - last_write >= self.flush_seconds:
-                self.flush()
-                last_write = time.monotonic()
+    def record_many(self, records: Sequence[LogRecord]) -> bool:
+        """Journals `records` with one write; False when the journal is full (nothing written)."""
+        return self.journal.append(self.prefix, self.encode(records), len(records)) if records else True
 
     def flush(self) -> None:
-        """Write every queued record now (one object per day); keep what the store refuses for next time."""
-        with self._lock:
-            self._drain()
-            if not self._pending:
-                return
-            if len(self._pending) > self.max_pending:
-                dropped = len(self._pending) - self.max_pending
-                del self._pending[:dropped]
-                logger.error(
-                    "%s log: dropped the %d oldest records (store unreachable for too long)", self.prefix, dropped
-                )
-            by_day: dict[str, list[str]] = defaultdict(list)
-            for day, line in self._pending:
-                by_day[day].append(line)
-            written = {day for day, lines in by_day.items() if self._write(day, lines)}
-            self._pending = [(day, line) for day, line in self._pending if day not in written]
-
-    def _drain(self, chunk: int = 512) -> None:
-        """Encode what is queued, `chunk` records at a time (one numpy pass each, where a subclass can)."""
-        while True:
-            records = []
-            try:
-                while len(records) < chunk:
-                    records.append(self._queue.get_nowait())
-            except queue.Empty:
-                pass
-            if not records:
-                return
-            days = (_second(int(record.time))[:10] for record in records)
-            self._pending.extend(zip(days, self.encode(records)))
-
-    def _write(self, day: str, lines: list[str]) -> bool:
-        try:
-            self.store.write_bytes(self._next_key(day), ("\n".join(lines) + "\n").encode())
-            return True
-        except Exception as error:  # noqa: BLE001 - keep the lines and try again on the next flush
-            logger.error("%s log: cannot write %d records for %s (%s); will retry", self.prefix, len(lines), day, error)
-            return False
-
-    def _next_key(self, day: str) -> str:
-        self._sequence += 1
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        return f"{self.prefix}/date={day}/{stamp}-{self._writer_id}-{self._sequence:06d}.jsonl"
+        """A private journal: seal, ship to the store now and close (raises if the store refuses). A server's
+        journal is shipped by its shipper; this only seals it."""
+        journal = self.journal
+        journal.seal(lambda segment: True)
+        if not self._private:
+            return
+        shipper = Shipper(self.store, journal)
+        if not shipper.ship_pending():
+            refused = f"{self.prefix} log: the store refused the rows ({shipper.last_error})"
+            raise OSError(f"{refused}; they wait in {journal.folder}")
+        journal.close()
+        self._journal = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -148,9 +104,23 @@ def iso_utc(unix_time: float) -> str:
 
 
 def read_json_lines(store: Store, prefix: str) -> list[dict]:
-    """Every line logged under `prefix`, oldest object first (keys sort by day, then time written)."""
-    records = []
+    """Every line logged under `prefix`, oldest object first (keys sort by day, then time written), with
+    amendments folded into the line they amend (an amendment whose line is not found is passed over)."""
+    records: list[dict] = []
+    by_id: dict[str, dict] = {}
     for item in store.list(prefix):
-        if item.key.endswith(".jsonl"):
-            records.extend(json.loads(line) for line in store.read_bytes(item.key).splitlines() if line.strip())
+        if not item.key.endswith(".jsonl"):
+            continue
+        for raw in store.read_bytes(item.key).splitlines():
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            if AMENDS in line:
+                target = by_id.get(line.get("prediction_id", ""))
+                if target is not None:
+                    target.update({k: v for k, v in line.items() if k not in {AMENDS, "time"}})
+                continue
+            records.append(line)
+            if "prediction_id" in line:
+                by_id[line["prediction_id"]] = line
     return records

@@ -136,6 +136,9 @@ class HealthOut(BaseModel):
     routing_note: str | None = Field(description="why the deployment record is not in force (missing or invalid)")
     trial_id: str | None = Field(description="the A/B or shadow trial in progress, if any")
     shadow: ShadowOut | None = Field(description="shadow scoring counts (null without a prediction log)")
+    journal: dict[str, Any] | None = Field(
+        None, description="the write path: journal bytes waiting, segments shipped, rows dropped, whether full"
+    )
 
 
 class ErrorOut(BaseModel):
@@ -170,11 +173,13 @@ FEEDBACK_REFUSALS = refusals(
     {
         400: "empty body or invalid JSON",
         401: "MNIST_FEEDBACK_TOKEN is set and the bearer token is missing or wrong",
-        404: "a prediction_id this server did not issue (or no longer remembers)",
+        404: "a prediction_id no replica issued (its signature does not verify)",
+        410: "a prediction older than the feedback TTL (feedback_ttl_days, default 30)",
         413: "body larger than 1 MB",
         415: "unsupported content type",
         422: "a missing or unknown field, a label that is not an integer 0-9",
         429: "this client's feedback rate limit (see the Retry-After header)",
+        503: "the feedback journal is full (the store has been unreachable for long): try again later",
     }
 )
 
