@@ -27,13 +27,15 @@ PROCESSED_CHECKS = ["shapes", "label_range", "class_balance", "no_nan"]
 def raw_mnist_data(context: dg.AssetExecutionContext, mnist_source: MnistSource, storage: StorageResource) -> dg.Output:
     """The four MNIST files, md5-verified, as uint8 tensors; plus every valid labelled batch landed so far.
 
+    The parsed arrays are cached beside the downloads as memory-mapped `.npy`, named by the md5 of the
+    file they came from and checked against their own sha256 on every read (`ml.data.read_mnist_cached`).
     Its data version is a hash of the files and batches, so re-running on the same data is not new data.
     """
     from mnist_dagster.ml import data
 
     folder = storage.scratch_dir("mnist")
     fetched = data.fetch_mnist(mnist_source.sources(), folder, mnist_source.checksums())
-    tensors = data.read_mnist(folder)
+    tensors = data.read_mnist_cached(folder, fetched.md5s)  # parsed arrays kept by md5, digest-checked
     landed, rejected = _read_landed_batches(storage, context)
     if landed:
         import torch
