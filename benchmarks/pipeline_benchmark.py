@@ -1,6 +1,6 @@
 """Materialize all, as a user runs it, against its own training time: the pipeline's overhead.
 
-    python benchmarks/pipeline_benchmark.py [--old PATH] [--mnist DIR] [--runs cold,warm]
+    python benchmarks/pipeline_benchmark.py [--old PATH] [--mnist DIR] [--runs cold,warm] [--epochs N]
 
 Runs the real `dagster asset materialize -m mnist_dagster --select '*'` in a fresh `DAGSTER_HOME`, a fresh
 `MNIST_DATA_DIR` (so a fresh MLflow SQLite store and empty caches) and `MNIST_MIRRORS` at a local copy of
@@ -18,6 +18,7 @@ the machine is shared and its speed varies, so compare ratios taken in one run, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ class PipelineRun:
         return self.wall_seconds / self.training_seconds
 
 
-def materialize_all(checkout: Path, home: Path, data_dir: Path, mnist: Path, label: str) -> PipelineRun:
+def materialize_all(checkout: Path, home: Path, data_dir: Path, mnist: Path, label: str, epochs: int | None) -> PipelineRun:
     """One `dagster asset materialize --select '*'` of `checkout`'s code location, then its event log read."""
     env = {
         **os.environ,
@@ -61,6 +62,8 @@ def materialize_all(checkout: Path, home: Path, data_dir: Path, mnist: Path, lab
         env.pop(variable, None)  # dev resources: the SQLite MLflow store inside MNIST_DATA_DIR, no Slack
     dagster = Path(sys.executable).parent / "dagster"
     command = [str(dagster), "asset", "materialize", "-m", "mnist_dagster", "--select", "*"]
+    if epochs is not None:  # a shorter training: the same overhead over less learning, a harsher ratio
+        command += ["--config-json", json.dumps({"ops": {"digit_classifier": {"config": {"epochs": epochs}}}})]
     started = time.perf_counter()
     finished = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -93,14 +96,14 @@ def read_run(home: Path, label: str, wall: float) -> PipelineRun:
     return PipelineRun(label, wall, run_end - run_start, steps, float(training))
 
 
-def run_checkout(checkout: Path, mnist: Path, runs: list[str], label: str) -> list[PipelineRun]:
+def run_checkout(checkout: Path, mnist: Path, runs: list[str], label: str, epochs: int | None) -> list[PipelineRun]:
     """Cold then warm in one fresh home and data folder (warm reuses what cold left)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="pipeline-benchmark-") as folder:
         home, data_dir = Path(folder) / "dagster_home", Path(folder) / "data"
         home.mkdir()
         for run in runs:
-            result = materialize_all(checkout, home, data_dir, mnist, f"{label} {run}")
+            result = materialize_all(checkout, home, data_dir, mnist, f"{label} {run}", epochs)
             print(f"{result.label}: {result.wall_seconds:.1f} s, training {result.training_seconds:.1f} s, "
                   f"ratio {result.ratio:.2f}", flush=True)  # fmt: skip
             results.append(result)
@@ -129,12 +132,13 @@ def main() -> None:
     parser.add_argument("--old", type=Path, help="an older checkout to run the same way, side by side")
     parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="folder with the four MNIST .gz files")
     parser.add_argument("--runs", default="cold,warm", help="cold, warm or both (warm reuses cold's folders)")
+    parser.add_argument("--epochs", type=int, help="train this many epochs instead of the default candidate's 3")
     args = parser.parse_args()
     runs = args.runs.split(",")
     results = []
     if args.old:
-        results += run_checkout(args.old.resolve(), args.mnist, runs, "old")
-    results += run_checkout(REPO_ROOT, args.mnist, runs, "new")
+        results += run_checkout(args.old.resolve(), args.mnist, runs, "old", args.epochs)
+    results += run_checkout(REPO_ROOT, args.mnist, runs, "new", args.epochs)
     print_table(results)
 
 
