@@ -11,7 +11,7 @@ and `training_seconds` is what `digit_classifier` reports for `fit` alone. The r
 `materialize_all / training_seconds` is the pipeline's overhead (issue 20's target: at most 1.3, warm).
 
 With `--old PATH` (a checkout of an earlier commit, e.g. `git worktree add --detach /tmp/old <commit>`) the
-same runs are made with that code in the same invocation, one after the other, and printed side by side:
+same runs are made with that code in the same invocation, interleaved with the new ones, and printed side by side:
 the machine is shared and its speed varies, so compare ratios taken in one run, not figures across days.
 """
 
@@ -96,18 +96,20 @@ def read_run(home: Path, label: str, wall: float) -> PipelineRun:
     return PipelineRun(label, wall, run_end - run_start, steps, float(training))
 
 
-def run_checkout(checkout: Path, mnist: Path, runs: list[str], label: str, epochs: int | None) -> list[PipelineRun]:
-    """Cold then warm in one fresh home and data folder (warm reuses what cold left)."""
+def run_side_by_side(checkouts: dict[str, Path], mnist: Path, runs: list[str], epochs: int | None) -> list[PipelineRun]:
+    """Each checkout in its own fresh home and data folder; the runs interleaved (old cold, new cold, old
+    warm, new warm), so a change in the machine's load falls on both alike. Warm reuses what cold left."""
     results = []
     with tempfile.TemporaryDirectory(prefix="pipeline-benchmark-") as folder:
-        home, data_dir = Path(folder) / "dagster_home", Path(folder) / "data"
-        home.mkdir()
         for run in runs:
-            result = materialize_all(checkout, home, data_dir, mnist, f"{label} {run}", epochs)
-            print(f"{result.label}: {result.wall_seconds:.1f} s, training {result.training_seconds:.1f} s, "
-                  f"ratio {result.ratio:.2f}", flush=True)  # fmt: skip
-            results.append(result)
-    return results
+            for label, checkout in checkouts.items():
+                home, data_dir = Path(folder) / label / "dagster_home", Path(folder) / label / "data"
+                home.mkdir(parents=True, exist_ok=True)
+                result = materialize_all(checkout, home, data_dir, mnist, f"{label} {run}", epochs)
+                print(f"{result.label}: {result.wall_seconds:.1f} s, training {result.training_seconds:.1f} s, "
+                      f"ratio {result.ratio:.2f}", flush=True)  # fmt: skip
+                results.append(result)
+    return sorted(results, key=lambda r: (r.label.split()[0] != "old", runs.index(r.label.split()[1])))
 
 
 def print_table(results: list[PipelineRun]) -> None:
@@ -135,11 +137,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="train this many epochs instead of the default candidate's 3")
     args = parser.parse_args()
     runs = args.runs.split(",")
-    results = []
-    if args.old:
-        results += run_checkout(args.old.resolve(), args.mnist, runs, "old", args.epochs)
-    results += run_checkout(REPO_ROOT, args.mnist, runs, "new", args.epochs)
-    print_table(results)
+    checkouts = {"old": args.old.resolve()} if args.old else {}
+    print_table(run_side_by_side({**checkouts, "new": REPO_ROOT}, args.mnist, runs, args.epochs))
 
 
 if __name__ == "__main__":
