@@ -244,3 +244,24 @@ def test_calibration_error_agrees_with_torchmetrics():
 def _confidence_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     confidence, predicted = logits.softmax(1).max(1)
     return confidence, predicted == labels
+
+
+def test_the_pass_through_the_served_onnx_graph_agrees_with_the_model(trained_scored):
+    """`model_evaluation` scores through ONNX Runtime (the graph as it serves); the PyTorch model it was
+    exported from gives the same answers on the test set and every perturbation."""
+    import onnxruntime
+
+    from mnist_dagster.ml.model import export_onnx, make_checkpoint
+
+    model = trained_scored.model
+    checkpoint = make_checkpoint(model, "cnn", {key: FAST_TRAINING[key] for key in ("channels", "hidden")} | {"dropout": 0.1},
+                                 trained_scored.mean, trained_scored.std)  # fmt: skip
+    session = onnxruntime.InferenceSession(export_onnx(checkpoint), providers=["CPUExecutionProvider"])
+    args = (model, trained_scored.images, trained_scored.labels, trained_scored.mean, trained_scored.std)
+    served_result, served = evaluate.score_in_one_pass(*args, served=lambda x: session.run(None, {"pixels": x})[0])
+    torch_result, in_torch = evaluate.score_in_one_pass(*args)
+    assert served.logits is None and in_torch.logits is not None
+    assert torch.allclose(served_result.probabilities, torch_result.probabilities, atol=1e-4)
+    assert list(served.perturbed_predictions) == list(in_torch.perturbed_predictions)
+    for name, predictions in served.perturbed_predictions.items():
+        assert (predictions != in_torch.perturbed_predictions[name]).sum() <= 1, name  # a near-tie may flip one

@@ -100,14 +100,18 @@ def model_evaluation(
 
     from mnist_dagster.ml import evaluate, plots
     from mnist_dagster.ml.model import load_checkpoint
+    from mnist_dagster.serving import bundle
 
     device = compute.resolve_device()
     model, _ = load_checkpoint(digit_classifier, device)
     images, labels = processed_mnist_data["test_images"], processed_mnist_data["test_labels"]
-    # One batched pass over the test set and all its perturbations; every metric below reads from it.
+    # One batched pass over the test set and all its perturbations, through the ONNX graph as it will
+    # serve (with its temperature); every metric below, and the comparison with production, reads from it.
+    candidate = bundle.Predictor(bundle.make_bundle("candidate", digit_classifier["onnx"]))
     result, scored = evaluate.score_in_one_pass(
         model, images, labels, processed_mnist_data["mean"], processed_mnist_data["std"], device, config.seed,
         temperature=float(digit_classifier.get("temperature", 1.0)),  # absent: an uncalibrated checkpoint
+        served=candidate.predict_proba,
     )  # fmt: skip
     confusion_png = plots.confusion_matrix_png(result.confusion)
     worst = result.misclassified(labels)[:24]
@@ -120,7 +124,7 @@ def model_evaluation(
     ]
     metrics = evaluate.run_metrics(scored, config.metrics)
     reference = _drift_reference(processed_mnist_data, result.confidences)
-    comparison = _compare_with_production(storage, digit_classifier["onnx"], processed_mnist_data)
+    comparison = _compare_with_production(storage, result.predictions.numpy(), processed_mnist_data)
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
         mlflow_lib.set_tag(REOPENED_BY_TAG, context.run_id)
@@ -190,18 +194,19 @@ def _metrics_metadata(metrics: dict) -> dict:
     return metadata
 
 
-def _compare_with_production(storage: StorageResource, candidate_onnx: bytes, processed: dict) -> dict | None:
-    """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts."""
+def _compare_with_production(storage: StorageResource, candidate_predictions, processed: dict) -> dict | None:
+    """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts.
+    The candidate's answers come from evaluation's one pass through its ONNX graph; production's are
+    scored here."""
     from mnist_dagster.ml.compare import mcnemar_exact
     from mnist_dagster.serving import bundle
 
     production = bundle.load_current(storage.open(), PRODUCTION_ROOT)
     if production is None:
         return None
-    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).numpy()
+    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()  # as the candidate saw them
     labels = processed["test_labels"].numpy()
-    candidate = bundle.Predictor(bundle.make_bundle("candidate", candidate_onnx)).predict_proba(pixels).argmax(1)
-    result = mcnemar_exact(labels, candidate, bundle.Predictor(production).predict_proba(pixels).argmax(1))
+    result = mcnemar_exact(labels, candidate_predictions, bundle.Predictor(production).predict_proba(pixels).argmax(1))
     return {
         "production_version": production.version,
         "production_test_accuracy": result.production_accuracy,

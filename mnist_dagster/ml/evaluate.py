@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,8 @@ from mnist_dagster.ml.train import predict_logits
 
 #: Images per forward pass when scoring: large batches amortise the per-call overhead on CPU.
 SCORING_BATCH = 8192
+#: Images per ONNX Runtime call: measured fastest for the default CNN (larger batches spill the caches).
+SERVED_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -140,21 +143,38 @@ class Scored:
         return dict(zip(perturbed, _predict(self.model, inputs, self.device), strict=True))
 
 
+#: A served model: float32 pixels (N, 1, 28, 28) in [0, 1] -> its probabilities (N, 10), e.g. an ONNX
+#: Runtime session over the exported graph (normalisation, network, softmax(logits / temperature)).
+Served = Callable[[np.ndarray], np.ndarray]
+
+
 def score_in_one_pass(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-    device: str = "cpu", seed: int = 0, temperature: float = 1.0,
+    device: str = "cpu", seed: int = 0, temperature: float = 1.0, served: Served | None = None,
 ) -> tuple[Evaluation, Scored]:  # fmt: skip
-    """The test set and every perturbation of it through the model in one batched pass (inference
-    mode, `SCORING_BATCH` images a call); every metric then reads from its answers."""
+    """The test set and every perturbation of it scored in one batched pass; every metric then reads
+    from its answers.
+
+    With `served` (the exported graph in ONNX Runtime: about 3x PyTorch's speed on 2 CPU cores for the
+    default CNN, and the model exactly as it will serve), the pass runs there, `SERVED_BATCH` images a
+    call; its probabilities already carry the temperature. Without it, `model` runs in inference mode,
+    `SCORING_BATCH` images a call, and the temperature is applied to its logits.
+    """
     pixels = (images * std + mean).clamp(0, 1)
     perturbed = all_perturbations(pixels, seed)
-    with torch.inference_mode():
-        inputs = torch.cat([images, *((p - mean) / std for p in perturbed.values())])
-        logits = predict_logits(model, inputs, device, batch_size=SCORING_BATCH)
-        clean, *others = logits.split(len(labels))
-    probabilities = (clean / temperature).softmax(1)
+    conditions = [pixels, *perturbed.values()]
+    if served is not None:
+        everything = torch.cat(conditions).numpy()
+        answers = [served(everything[start : start + SERVED_BATCH]) for start in range(0, len(everything), SERVED_BATCH)]
+        clean, *others = torch.from_numpy(np.concatenate(answers)).split(len(labels))
+        probabilities, logits = clean, None
+    else:
+        with torch.inference_mode():
+            inputs = torch.cat([images, *((p - mean) / std for p in perturbed.values())])
+            logits, *others = predict_logits(model, inputs, device, batch_size=SCORING_BATCH).split(len(labels))
+        probabilities = (logits / temperature).softmax(1)
     predictions = {name: part.argmax(1) for name, part in zip(perturbed, others, strict=True)}
-    scored = Scored(model, images, labels, probabilities, mean, std, device, seed, temperature, clean, predictions)
+    scored = Scored(model, images, labels, probabilities, mean, std, device, seed, temperature, logits, predictions)
     return evaluation_of(probabilities, labels), scored
 
 
