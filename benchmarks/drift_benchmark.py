@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from mnist_dagster.ml import data, drift, train
 from mnist_dagster.ml.config import TrainingConfig
-from mnist_dagster.serving.preprocess import mnist_format_many
+from mnist_dagster.scoring.preprocess import mnist_format_many
 
 CHUNK = 1000
 SHIFTED_SEED = 7

@@ -37,10 +37,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mnist_dagster.layout import PRODUCTION_ROOT  # noqa: E402
-from mnist_dagster.serving.batch import score_inbox  # noqa: E402
-from mnist_dagster.serving.bundle import Bundle, Predictor, load_current, make_bundle, publish  # noqa: E402
-from mnist_dagster.serving.preprocess import encode_png  # noqa: E402
+from mnist_dagster.lifecycle import deploy  # noqa: E402
+from mnist_dagster.scoring.batch import score_inbox  # noqa: E402
+from mnist_dagster.scoring.bundle import Bundle, Predictor, make_bundle  # noqa: E402
+from mnist_dagster.scoring.preprocess import encode_png  # noqa: E402
 from mnist_dagster.storage import LocalStore, open_store  # noqa: E402
 
 TARGETS = {"batch_images_per_second": 20_000, "p50_ms": 3.0, "p99_ms": 10.0, "concurrent_rps": 500, "vs_mlflow": 3.0}
@@ -242,7 +242,7 @@ def wait_until_up(port: int, path: str, process: subprocess.Popen, log: Path, ti
 
 def start_ours(bundle: Bundle, folder: Path) -> tuple[subprocess.Popen, int]:
     store = LocalStore(folder / "store")
-    publish(store, "serving", bundle)
+    deploy.make_production(store, bundle, "inference benchmark")
     port = free_port()
     command = [
         sys.executable,
@@ -335,9 +335,9 @@ def main() -> None:
     images, labels = mnist["test_images"], mnist["test_labels"]
     checkpoint = None
     if args.store:
-        bundle = load_current(open_store(args.store), PRODUCTION_ROOT)
+        bundle = deploy.production_bundle(open_store(args.store))
         if bundle is None:
-            sys.exit(f"no production bundle under {args.store}/{PRODUCTION_ROOT}")
+            sys.exit(f"no production model in the deployment record under {args.store}")
     else:
         bundle, checkpoint = train_default_cnn(mnist, args.train_images)
     print(

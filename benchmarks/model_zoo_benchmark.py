@@ -37,8 +37,8 @@ from mnist_dagster.ml import data, evaluate  # noqa: E402
 from mnist_dagster.ml.config import CANDIDATES, TrainingConfig  # noqa: E402
 from mnist_dagster.ml.model import export_onnx  # noqa: E402
 from mnist_dagster.ml.train import fit  # noqa: E402
-from mnist_dagster.serving.bundle import make_bundle  # noqa: E402
-from mnist_dagster.serving.preprocess import encode_png  # noqa: E402
+from mnist_dagster.scoring.bundle import make_bundle  # noqa: E402
+from mnist_dagster.scoring.preprocess import encode_png  # noqa: E402
 
 PROJECT_ML_SECONDS = 34 * 60  # Dagster's project_ml: 99.51% after 34 minutes of training here
 TARGETS = {  # candidate: (test accuracy at least, training seconds at most)

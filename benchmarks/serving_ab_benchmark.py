@@ -3,7 +3,7 @@ benchmark: its numbers are in the README).
 
     python benchmarks/serving_ab_benchmark.py [--rounds 20] [--requests 150] [--per-client 40]
 
-One server, production "1" and challenger "2" published; the routing file is switched between the modes
+One server, production "1" and challenger "2" stored; the deployment record is switched between the modes
 in many short rounds (the server polls every 0.2 s here), so a drift in the machine's other load falls on
 every mode alike and nothing differs between the modes but the routing:
 
@@ -41,11 +41,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT  # noqa: E402
-from mnist_dagster.serving.bundle import make_bundle, publish  # noqa: E402
-from mnist_dagster.serving.preprocess import encode_png  # noqa: E402
-from mnist_dagster.serving.routing import Router, Routing, client_share  # noqa: E402
-from mnist_dagster.serving.service import LoadedModel  # noqa: E402
+from mnist_dagster.lifecycle import deploy  # noqa: E402
+from mnist_dagster.lifecycle.record import Routing, Strategy, change_record  # noqa: E402
+from mnist_dagster.scoring.bundle import make_bundle, store_bundle  # noqa: E402
+from mnist_dagster.scoring.preprocess import encode_png  # noqa: E402
+from mnist_dagster.serving.routing import Router, client_share  # noqa: E402
+from mnist_dagster.serving.watcher import Deployment, LoadedModel  # noqa: E402
 from mnist_dagster.storage import LocalStore  # noqa: E402
 from inference_benchmark import (  # noqa: E402 - the benchmark folder is not a package
     KeepAliveClient,
@@ -75,8 +76,8 @@ def start_server(folder: Path) -> tuple[object, int, LocalStore]:
     """Production "1" and challenger "2" (the same ONNX) published, the prediction log on; (process, port, store)."""
     store = LocalStore(folder / "store")
     model, _ = train_default_cnn(real_mnist(), 10_000)
-    publish(store, SERVING_ROOT, make_bundle("1", model.onnx))
-    publish(store, CHALLENGER_ROOT, make_bundle("2", model.onnx))
+    deploy.make_production(store, make_bundle("1", model.onnx), "serving A/B benchmark")
+    store_bundle(store, make_bundle("2", model.onnx))
     port = free_port()
     command = [sys.executable, "-m", "mnist_dagster.serving.cli", "serve", "--port", str(port),
                "--store", str(store.root), "--log-flush-seconds", "1", "--poll-seconds", "0.2"]  # fmt: skip
@@ -91,8 +92,12 @@ def health(port: int) -> dict:
 
 
 def set_routing(store: LocalStore, port: int, routing: dict) -> None:
-    """Write the routing file as the Dagster side does, and wait until the server has it."""
-    store.write_bytes(ROUTING_KEY, json.dumps(routing).encode())
+    """Change the deployment record as the Dagster side does, and wait until the server has it."""
+    if routing["strategy"] == "replace":
+        deploy.end_trial(store)
+    else:
+        wanted = Routing(Strategy(routing["strategy"]), routing.get("challenger_traffic", 0.0))
+        change_record(store, lambda record: record.with_challenger("2", wanted))
     deadline = time.monotonic() + 10
     while health(port)["routing"]["strategy"] != routing["strategy"]:
         if time.monotonic() > deadline:
@@ -136,13 +141,13 @@ def choose_cost_us(count: int = 200_000) -> dict[str, float]:
     challenger = LoadedModel(SimpleNamespace(version="2"), "t")
     cases = {
         "replace": (Routing(), None),
-        "ab_test": (Routing("ab_test", 0.1), None),
-        "ab_test + key": (Routing("ab_test", 0.1), "client-123"),
-        "shadow": (Routing("shadow"), None),
+        "ab_test": (Routing(Strategy.ab_test, 0.1), None),
+        "ab_test + key": (Routing(Strategy.ab_test, 0.1), "client-123"),
+        "shadow": (Routing(Strategy.shadow), None),
     }
     costs = {}
     for name, (routing, key) in cases.items():
-        router = Router(*(SimpleNamespace(current=value) for value in (production, challenger, routing)))
+        router = Router(SimpleNamespace(current=Deployment(production, challenger, routing, "trial")))
         timer = timeit.Timer(lambda r=router, k=key: r.choose(k))
         costs[name] = min(timer.repeat(number=count, repeat=5)) / count * 1e6
     return costs

@@ -8,10 +8,9 @@ and the benchmarks all import it, and none of them writes a prefix of its own.
     op_outputs/<run>/<step>/...pt      values passed between the steps of an op job (the sweep)
     cache/<name>/                      local working folders (downloads), dev only; prod uses the temp dir
     landing/*.npz                      new labelled batches for training (images uint8 N x 28 x 28, labels)
-    models/production/<v>/, CURRENT.json   the deployed bundle every prediction path reads
-    serving/<v>/, CURRENT.json         the bundle the HTTP endpoint serves (published by digit_predictions)
-    serving-challenger/<v>/, CURRENT.json   the challenger it also serves in an A/B test or in shadow
-    serving-routing.json               how the endpoint splits traffic: strategy, challenger share
+    models/<v>/model.onnx, bundle.json   every model bundle that passed the gate, immutable, by version
+    deployment.json                    THE deployment record: production, challenger, strategy, share, trial,
+                                       history (lifecycle/record.py); every reader follows it, nothing is copied
     inbox/                             images waiting for the nightly batch (*.png, *.jpg, *.npz)
     predictions/                       the nightly batch's Parquet tables (scored/, rejected/) and its ledger
     prediction_log/                    what the HTTP endpoint answered, as JSON lines
@@ -25,15 +24,17 @@ ASSETS_PREFIX = "assets"
 OP_OUTPUTS_PREFIX = "op_outputs"
 CACHE_PREFIX = "cache"
 LANDING_PREFIX = "landing"
-PRODUCTION_ROOT = "models/production"
-SERVING_ROOT = "serving"
-CHALLENGER_ROOT = "serving-challenger"
-ROUTING_KEY = "serving-routing.json"
+MODELS_PREFIX = "models"
+DEPLOYMENT_KEY = "deployment.json"
 INBOX_PREFIX = "inbox"
 PREDICTIONS_PREFIX = "predictions"
 PREDICTION_LOG_PREFIX = "prediction_log"
 FEEDBACK_PREFIX = "feedback"
 MONITORING_PREFIX = "monitoring"
+SCORED_PREFIX = f"{PREDICTIONS_PREFIX}/scored"  # the nightly batch's predictions, Hive-style partitions
+REJECTED_PREFIX = f"{PREDICTIONS_PREFIX}/rejected"  # and the inputs it refused, with why
+INBOX_LEDGER_KEY = f"{PREDICTIONS_PREFIX}/ledger.json"  # every inbox file already scored, by content
+FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"  # labelled batches made from client feedback
 DRIFT_CURSOR_KEY = f"{MONITORING_PREFIX}/prediction-drift-cursor.json"
 FEEDBACK_LANDED_KEY = f"{MONITORING_PREFIX}/feedback-landed.json"
 
@@ -46,6 +47,11 @@ def asset_key_path(asset_path: list[str] | tuple[str, ...]) -> str:
 def op_output_path(identifier: list[str]) -> str:
     """Where the IO manager keeps an op's output: `op_outputs/<run id>/<step>/<output>[/<mapping key>].pt`."""
     return f"{OP_OUTPUTS_PREFIX}/{'/'.join(identifier)}.pt"
+
+
+def bundle_prefix(version: str) -> str:
+    """Where model version `version`'s bundle lives (written once, never changed)."""
+    return f"{MODELS_PREFIX}/{version}"
 
 
 def drift_reference_key(version: str) -> str:

@@ -5,12 +5,22 @@ without importing Dagster. Dagster resources in `mnist_dagster.resources` open t
 Every write is atomic: a reader sees the old object or the new one, never half of one. Both stores
 behave alike: a missing key is `FileNotFoundError`, and a misconfigured S3 store fails with a
 `StorageSettingsError` that names the environment variable to fix, not a bare boto3 traceback.
+
+One object, the deployment record, is changed by several writers (the gate, the A/B report, a
+rollback); for it the stores also offer compare-and-swap: `read_with_tag` returns the bytes and a tag
+of what was read, and `write_if` writes only if the object still has that tag (or, with tag None, does
+not exist yet), else raises `WriteConflict`. Locally: a lock file around compare + write-then-rename.
+On S3: conditional writes (`If-Match` / `If-None-Match: *`), which AWS S3, MinIO and moto honour.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
@@ -28,9 +38,15 @@ class StorageSettingsError(RuntimeError):
     """The store cannot be used as configured (bucket, credentials, endpoint); the message says which setting."""
 
 
+class WriteConflict(RuntimeError):
+    """A conditional write lost: the object changed (or appeared) since it was read. Nothing was written."""
+
+
 class Store(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
+    def read_with_tag(self, key: str) -> tuple[bytes, str]: ...
+    def write_if(self, key: str, data: bytes, tag: str | None) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[StoredObject]: ...
     def delete(self, key: str) -> None: ...
@@ -61,6 +77,30 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def read_with_tag(self, key: str) -> tuple[bytes, str]:
+        data = self.read_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> None:
+        """Compare and swap under an exclusive lock on a sidecar file: no two writers (threads or
+        processes on this machine) can both see the same `tag` and both write."""
+        path = self._path(key)
+        with self._locked(path):
+            current = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            if current != tag:
+                raise WriteConflict(f"{key} changed since it was read (expected {tag}, found {current})")
+            self.write_bytes(key, data)
+
+    @contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -140,6 +180,31 @@ class S3Store:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)  # S3 PUT is atomic
+
+    def read_with_tag(self, key: str) -> tuple[bytes, str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                raise FileNotFoundError(self.uri(key)) from error
+            raise
+        return answer["Body"].read(), answer["ETag"]
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> None:
+        """S3's conditional PUT: `If-Match: <ETag read>`, or `If-None-Match: *` for a first write. S3 itself
+        decides, so two writers on different machines cannot both win."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+                raise WriteConflict(f"{self.uri(key)} changed since it was read ({code})") from error
+            raise
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

@@ -7,7 +7,7 @@ that call `generated_model()` directly share one training each.
 import numpy as np
 import pytest
 
-from mnist_dagster.serving.bundle import Bundle
+from mnist_dagster.scoring.bundle import Bundle
 from mnist_dagster_tests.serving_support import generated_model, real_model, real_test_set
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from mnist_dagster.serving.bundle import Bundle, Predictor, make_bundle
+from mnist_dagster.scoring.bundle import Bundle, Predictor, make_bundle
 from mnist_dagster_tests.support import FAST_TRAINING, free_port, generated_digits
 
 

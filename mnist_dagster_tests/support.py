@@ -156,6 +156,27 @@ def serve_folder(folder: Path, handler: type[SimpleHTTPRequestHandler] = QuietHa
 # ----- polling ------------------------------------------------------------------------------------
 
 
+def finishes_within(action: Callable[[], T], timeout: float, what: str) -> T:
+    """`action()`'s result, run in a thread; fails saying `what` hung if it has not returned after `timeout`
+    seconds. For "does not hang" only: give it at least ten times the expected time, never a speed bound."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = action()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test's own thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{what} did not return within {timeout:g} s: it hangs")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 20, interval: float = 0.1, message: str = "condition") -> T:
     """Poll `condition()` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -12,10 +12,11 @@ import pytest
 from scipy import stats
 
 from mnist_dagster.assets.prediction_assets import ab_test_report
-from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.ml.compare import two_proportion_test
 from mnist_dagster.sensors.ml_sensors import slack_on_ab_test_decision
-from mnist_dagster.serving import bundle, deploy
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import Routing, Strategy, read_record
+from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.storage import LocalStore
@@ -36,7 +37,7 @@ def start_trial(store: LocalStore, strategy: str, production: str = "1", challen
     """Production `production` and the challenger `challenger` beside it; the bytes are never run here."""
     deploy.make_production(store, bundle.make_bundle(production, f"onnx {production}".encode()), "test")
     candidate = bundle.make_bundle(challenger, f"onnx {challenger}".encode())
-    deploy.start_trial(store, candidate, deploy.Routing(strategy, 0.5))
+    deploy.start_trial(store, candidate, Routing(Strategy(strategy), 0.5))
 
 
 def request(arm: str, version: str, label: int, digit: int, shadow_digit: int | None = None) -> PredictionRecord:
@@ -100,11 +101,9 @@ def metadata_of(materialization) -> dict:
 
 def test_no_trial_is_a_quick_success_that_says_so(dev_test_resources, instance, store):
     deploy.make_production(store, bundle.make_bundle("1", b"onnx"), "test")
-    started = time.monotonic()
     metadata = report(dev_test_resources, instance)
     assert metadata["decision"] == "no trial" and metadata["promoted"] is False
     assert "nothing to compare" in metadata["status"]
-    assert time.monotonic() - started < 30
 
 
 def test_a_trial_without_traffic_or_feedback_needs_more_data_and_says_why(dev_test_resources, instance, store):
@@ -156,7 +155,7 @@ def test_ab_test_promotes_a_significantly_better_challenger_by_the_two_proportio
     assert rows["challenger"]["model_version"] == "2"
     assert rows["challenger"]["ci95_low"] < 0.97 < rows["challenger"]["ci95_high"]  # a 95% Wilson interval
     assert metadata["promoted"] is False  # auto_promote is off by default: the report only says so
-    assert deploy.read_routing(store).strategy == "ab_test" and bundle.current_version(store, PRODUCTION_ROOT) == "1"
+    assert read_record(store).strategy == "ab_test" and read_record(store).production == "1"
 
 
 def test_ab_test_keeps_production_against_a_significantly_worse_challenger(dev_test_resources, instance, store):
@@ -166,7 +165,7 @@ def test_ab_test_keeps_production_against_a_significantly_worse_challenger(dev_t
     metadata = report(dev_test_resources, instance, auto_promote=True)
     assert metadata["decision"] == "keep" and metadata["finding"] == "challenger significantly worse"
     assert metadata["p_value"] < 0.05 and metadata["promoted"] is False
-    assert bundle.current_version(store, PRODUCTION_ROOT) == "1" and deploy.current_challenger(store).version == "2"
+    assert read_record(store).production == "1" and deploy.current_challenger(store).version == "2"
 
 
 def test_ab_test_keeps_production_without_a_significant_difference(dev_test_resources, instance, store):
@@ -240,7 +239,6 @@ def register_versions(tracking_uri: str, count: int) -> mlflow.MlflowClient:
 def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_resources, instance, store):
     client = register_versions(dev_test_resources["mlflow"].tracking_uri, 2)
     start_trial(store, "ab_test")
-    deploy.publish_to_endpoint(store, bundle.load_current(store, PRODUCTION_ROOT))
     client.set_registered_model_alias(MODEL, "production", "1")
     client.set_registered_model_alias(MODEL, "challenger", "2")
     arm_traffic(store, "production", "1", 170, 30)
@@ -254,11 +252,9 @@ def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_
                 for event in result.get_asset_materialization_events()}  # fmt: skip
     assert by_asset["ab_test_report"]["decision"] == "promote" and by_asset["ab_test_report"]["promoted"] is True
 
-    assert bundle.current_version(store, PRODUCTION_ROOT) == "2"
-    assert bundle.current_version(store, SERVING_ROOT) == "2"  # what the running endpoint reads
-    assert deploy.read_routing(store) == deploy.Routing() and deploy.current_challenger(store) is None
-    assert b'"replace"' in store.read_bytes(ROUTING_KEY)  # the endpoint serves production alone
-    assert [entry["version"] for entry in deploy.production_history(store)] == ["1", "2"]
+    record = read_record(store)  # what the running endpoint follows
+    assert record.production == "2" and record.challenger is None and record.routing == Routing()
+    assert [entry.version for entry in deploy.production_history(store)] == ["1", "2"]
     assert str(client.get_model_version_by_alias(MODEL, "production").version) == "2"
     assert "challenger" not in client.get_registered_model(MODEL).aliases
 
@@ -266,7 +262,6 @@ def test_auto_promote_switches_production_the_endpoint_and_the_aliases(dev_test_
     assert production["decision"] == "promoted" and production["deployed"] is True
     assert (production["model_version"], production["previous_version"]) == ("2", "1")
     assert production["reason"].startswith("promoted after an A/B test (ab_test): challenger 97.00%")
-    assert bundle.current_version(store, CHALLENGER_ROOT) == "2"  # left behind, unused: routing is replace
 
 
 # ----- Slack ------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.assets.prediction_assets import batch_digit_predictions
 from mnist_dagster.layout import INBOX_PREFIX
-from mnist_dagster.serving import bundle
-from mnist_dagster.serving.batch import LEDGER_KEY, PREDICTION_COLUMNS, REJECTED_COLUMNS
-from mnist_dagster.serving.preprocess import encode_png
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.scoring import bundle
+from mnist_dagster.scoring.batch import LEDGER_KEY, PREDICTION_COLUMNS, REJECTED_COLUMNS
+from mnist_dagster.scoring.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import generated_digits
 
@@ -25,7 +25,7 @@ def store(dev_env) -> LocalStore:
 
 @pytest.fixture
 def production(store, generated_bundle) -> bundle.Bundle:
-    bundle.publish(store, PRODUCTION_ROOT, generated_bundle)
+    deploy.make_production(store, generated_bundle, "test")
     return generated_bundle
 
 
@@ -151,7 +151,7 @@ def test_real_digits_scored_from_npz_and_drawings(dev_test_resources, instance, 
     """Real MNIST digits, as an `.npz` batch and as black-on-white drawings of another size."""
     from PIL import Image
 
-    bundle.publish(store, PRODUCTION_ROOT, real_bundle)
+    deploy.make_production(store, real_bundle, "test")
     images, labels = real_digits
     store.write_bytes(f"{INBOX_PREFIX}/test.npz", npz_bytes(images=images[:500]))
     for index in range(500, 540):

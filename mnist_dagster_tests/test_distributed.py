@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -21,7 +20,7 @@ import torch
 from mnist_dagster.ml import distributed
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.ml.model import load_checkpoint
-from mnist_dagster.serving import bundle
+from mnist_dagster.scoring import bundle
 from mnist_dagster_tests.support import FAST_TRAINING, generated_split, pipeline_assets_and_checks, wait_for
 
 TRAINING_SELECTION = ["raw_mnist_data", "processed_mnist_data", "digit_classifier"]
@@ -154,8 +153,8 @@ def test_a_killed_worker_fails_the_step_cleanly(dev_test_resources, instance):
     error = failure.step_failure_data.user_failure_data
     assert error is not None and f"rank 1 (pid {victim})" in error.description and "SIGKILL" in error.description
     assert "Signal 9 (SIGKILL)" in error.metadata["torchrun_report"].value
-    time.sleep(0.5)
-    assert _ddp_processes() == []  # torchrun stopped rank 0 and exited; nothing left running
+    # torchrun stops rank 0 and exits: nothing is left running
+    wait_for(lambda: _ddp_processes() == [], timeout=120, message="every DDP process to exit")
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     runs = client.search_runs([dev_test_resources["mlflow"].experiment_id()])
     assert [r.info.status for r in runs] == ["FAILED"]

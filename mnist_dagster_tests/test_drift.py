@@ -124,7 +124,7 @@ def test_real_mnist_clean_chunks_stay_quiet_and_shifted_digits_alarm(real_mnist_
     """The production architecture, one epoch on 10k real images (~97%): the test set as ten windows of
     1,000 raises at most one alarm; 1,000 test digits rotated 45 degrees, with heavy noise, thickened or
     eroded each raise one."""
-    from mnist_dagster.serving.bundle import Predictor
+    from mnist_dagster.scoring.bundle import Predictor
     from mnist_dagster_tests.serving_support import real_model, real_test_set
 
     train_images, train_labels, test_images, _ = real_test_set(real_mnist_dir)

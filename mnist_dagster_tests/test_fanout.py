@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mnist_dagster.layout import INBOX_PREFIX, PRODUCTION_ROOT
-from mnist_dagster.serving import bundle
-from mnist_dagster.serving.batch import LEDGER_KEY
+from mnist_dagster.layout import INBOX_PREFIX
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.scoring.batch import LEDGER_KEY
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import generated_digits, pipeline_assets_and_checks
 
@@ -31,7 +31,7 @@ def _npz(count: int, seed: int) -> bytes:
 def store(dev_env, generated_bundle) -> LocalStore:
     """The dev store with a production model and an inbox of five batches and one unreadable file."""
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    bundle.publish(store, PRODUCTION_ROOT, generated_bundle)
+    deploy.make_production(store, generated_bundle, "test")
     for seed, (name, count) in enumerate(INBOX):
         store.write_bytes(f"{INBOX_PREFIX}/{name}", _npz(count, seed))
     store.write_bytes(f"{INBOX_PREFIX}/day/notes.txt", b"not an image")
@@ -83,7 +83,7 @@ def test_the_batch_fans_out_and_nothing_is_scored_twice(dev_env, dev_test_resour
 
 def test_shards_are_balanced_by_size(tmp_path):
     """Largest first, each to the lightest shard: every new file in one shard, loads within one file's size."""
-    from mnist_dagster.serving.batch import plan_shards
+    from mnist_dagster.scoring.batch import plan_shards
 
     store = LocalStore(tmp_path)
     for seed, (name, count) in enumerate(INBOX):

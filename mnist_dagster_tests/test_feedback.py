@@ -8,8 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mnist_dagster.layout import SERVING_ROOT
-from mnist_dagster.serving import bundle
+from mnist_dagster.lifecycle import deploy
 from mnist_dagster.serving.feedback import FeedbackRecord, IssuedPredictions, read_feedback
 from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
 from mnist_dagster.storage import LocalStore
@@ -21,7 +20,7 @@ FEEDBACK_KEYS = {"time", "prediction_id", "label", "arm", "model_version"}
 
 @pytest.fixture
 def store_dir(tmp_path) -> Path:
-    bundle.publish(LocalStore(tmp_path / "store"), SERVING_ROOT, generated_model("1"))
+    deploy.make_production(LocalStore(tmp_path / "store"), generated_model("1"), "test")
     return tmp_path / "store"
 
 

@@ -5,14 +5,13 @@ Generated data, the real pipeline assets, a real MLflow store: production is tra
 candidate goes through `digit_classifier` -> `model_evaluation` -> `production_digit_classifier`.
 """
 
-import json
-
 import dagster as dg
 import mlflow
 import pytest
 
-from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, ROUTING_KEY, SERVING_ROOT
-from mnist_dagster.serving import bundle, deploy
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import read_record
+from mnist_dagster.scoring import preprocess
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, FAST_TRAINING, pipeline_assets_and_checks
 
@@ -58,7 +57,7 @@ def test_a_significantly_worse_candidate_is_refused_with_its_p_value(dev_test_re
     assert metadata["mcnemar_p_value"] < 0.05
     assert "significantly worse than production version 1" in metadata["reason"]
     assert "McNemar's exact test p =" in metadata["reason"]
-    assert metadata["model_version"] == with_production == bundle.current_version(store, PRODUCTION_ROOT)
+    assert metadata["model_version"] == with_production == read_record(store).production
     evaluation = worse.asset_materializations_for_node("model_evaluation")[0].metadata
     assert evaluation["compared_with_production"].value["production_version"] == "1"
 
@@ -69,8 +68,8 @@ def test_an_equal_candidate_passes_and_replaces_production(dev_test_resources, d
     assert same["candidate_right_production_wrong"] == same["production_right_candidate_wrong"] == 0
     assert same["mcnemar_p_value"] == 1.0 and "not significantly worse" in same["reason"]
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    assert bundle.current_version(store, PRODUCTION_ROOT) == same["model_version"] == "2"
-    assert [entry["version"] for entry in deploy.production_history(store)] == ["1", "2"]
+    assert read_record(store).production == same["model_version"] == "2"
+    assert [entry.version for entry in deploy.production_history(store)] == ["1", "2"]
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == "2"
 
@@ -83,20 +82,19 @@ def test_a_passing_candidate_becomes_the_challenger_beside_production(
     trial = gate_metadata(run(dev_test_resources, instance, CANDIDATE_STEPS, deployment=deployment))
     assert trial["deployed"] is True and trial["decision"] == f"challenger ({strategy})"
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    assert bundle.current_version(store, PRODUCTION_ROOT) == "1"  # production keeps serving
-    assert deploy.current_challenger(store).version == trial["model_version"] == "2"
-    assert deploy.read_routing(store) == deploy.Routing(strategy, 0.25)
+    record = read_record(store)
+    assert record.production == "1"  # production keeps serving
+    assert deploy.current_challenger(store).version == record.challenger == trial["model_version"] == "2"
+    assert (record.strategy, record.share) == (strategy, 0.25) and record.trial_id and record.trial_started_at
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == "1"
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "challenger").version) == "2"
 
-    # digit_predictions publishes both to the endpoint, the routing file last.
+    # digit_predictions reports what the endpoint follows: both models, the routing, the trial.
     published = run(dev_test_resources, instance, ["raw_mnist_data", "digit_predictions"])
     metadata = published.asset_materializations_for_node("digit_predictions")[0].metadata
-    assert metadata["challenger_version"].value == "2"
-    assert bundle.current_version(store, SERVING_ROOT) == "1"
-    assert bundle.current_version(store, CHALLENGER_ROOT) == "2"
-    assert json.loads(store.read_bytes(ROUTING_KEY)) == {"strategy": strategy, "challenger_traffic": 0.25}
+    assert metadata["model_version"].value == "1" and metadata["challenger_version"].value == "2"
+    assert metadata["trial_id"].value == record.trial_id
 
 
 def test_the_first_model_needs_only_the_threshold(dev_test_resources, dev_env, instance):
@@ -104,3 +102,26 @@ def test_the_first_model_needs_only_the_threshold(dev_test_resources, dev_env, i
     assert first["deployed"] is True and first["decision"] == "production"  # nothing to trial against
     assert first["production_test_accuracy"] == "no production model yet"
     assert deploy.current_challenger(LocalStore(dev_env["MNIST_DATA_DIR"])) is None
+
+
+def test_a_candidate_failing_the_serving_path_check_changes_nothing(
+    dev_test_resources, dev_env, instance, with_production, monkeypatch
+):
+    """A broken upload recipe (here: the digit transposed on its way to the model) fails the gate's
+    serving-path check before the record flips: production, the history and the registry aliases stay."""
+    store = LocalStore(dev_env["MNIST_DATA_DIR"])
+    before = read_record(store)
+    faithful = preprocess.mnist_format
+    monkeypatch.setattr(preprocess, "mnist_format", lambda pixels: faithful(pixels).T.copy())
+    assets, checks = pipeline_assets_and_checks()
+    result = dg.materialize(
+        [*assets, *checks], selection=CANDIDATE_STEPS, resources=dev_test_resources, instance=instance,
+        run_config={"ops": {"digit_classifier": {"config": FAST_TRAINING}}}, raise_on_error=False,
+    )  # fmt: skip
+    assert not result.success
+    message = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert "serving-path check failed" in message and "different digits" in message
+    assert read_record(store) == before  # production, challenger and history unchanged
+    client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == with_production
+    assert [str(v.version) for v in client.search_model_versions("name='mnist-digit-classifier'")] == ["1"]

@@ -131,8 +131,8 @@ def test_cuda_without_mixed_precision_trains_in_float32():
 @needs_cuda
 def test_prod_pipeline_trains_on_the_gpu_and_serves_on_the_cpu(prod_env, fake_mirror, instance, monkeypatch):
     """The prod resources with MNIST_DEVICE=cuda, end to end on S3: trained on the GPU, served by ONNX Runtime."""
-    from mnist_dagster.layout import PRODUCTION_ROOT
-    from mnist_dagster.serving import bundle
+    from mnist_dagster.lifecycle import deploy
+    from mnist_dagster.scoring import bundle
     from mnist_dagster.storage import open_store
 
     mirror, md5s = fake_mirror
@@ -153,7 +153,7 @@ def test_prod_pipeline_trains_on_the_gpu_and_serves_on_the_cpu(prod_env, fake_mi
     assert accuracy > 0.95
 
     store = open_store(f"s3://{prod_env['S3_BUCKET']}/{prod_env['S3_PREFIX']}")
-    predictor = bundle.Predictor(bundle.load_current(store, PRODUCTION_ROOT))
+    predictor = bundle.Predictor(deploy.production_bundle(store))
     images, labels = generated_digits(300, seed=2)  # the generated test split
     probabilities = predictor.predict_proba(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
     # ONNX on the CPU agrees with the (bf16) GPU evaluation to within 3 of the 300 test images.

@@ -18,8 +18,9 @@ import torch
 from mnist_dagster.definitions import build_defs
 from mnist_dagster.ml import architectures, data, model, train
 from mnist_dagster.ml.config import CANDIDATES, Augmentation, TrainingConfig
-from mnist_dagster.serving import bundle
-from mnist_dagster.serving.preprocess import encode_png
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.scoring import bundle
+from mnist_dagster.scoring.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import running_server
 from mnist_dagster_tests.support import (
@@ -122,7 +123,7 @@ def test_every_architecture_is_served_by_the_same_endpoint(split, tmp_path):
         for version, architecture in enumerate(sorted(TINY), start=1):
             onnx = model.export_onnx(train.fit(split, replace(TINY[architecture], **QUICK)).checkpoint)
             published = bundle.make_bundle(str(version), onnx)
-            bundle.publish(store, "serving", published)
+            deploy.make_production(store, published, "test")
             expected = bundle.Predictor(published).predict_proba(images.reshape(-1, 1, 28, 28).astype(np.float32) / 255)
             wait_for(lambda: httpx.get(f"{url}/health").json().get("model_version") == str(version), message=architecture)
             served = []

@@ -16,9 +16,8 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from mnist_dagster.layout import SERVING_ROOT
 from mnist_dagster.ml.data import MNIST_FILES
-from mnist_dagster.serving import bundle
+from mnist_dagster.lifecycle import deploy
 from mnist_dagster.serving.feedback import read_feedback
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, real_model, running_server
@@ -39,7 +38,7 @@ def served(tmp_path_factory) -> Iterator[tuple[str, LocalStore, str]]:
     has_mnist = all((REAL_MNIST_DIR / name).is_file() for name in MNIST_FILES)
     model = real_model(REAL_MNIST_DIR) if has_mnist else generated_model()
     store_dir = tmp_path_factory.mktemp("page") / "store"
-    bundle.publish(LocalStore(store_dir), SERVING_ROOT, model)
+    deploy.make_production(LocalStore(store_dir), model, "test")
     with running_server(store_dir, "--log-flush-seconds", "0.2") as url:
         yield url, LocalStore(store_dir), model.version
 

@@ -7,10 +7,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_dagster.layout import PRODUCTION_ROOT, drift_reference_key
+from mnist_dagster.layout import DEPLOYMENT_KEY, drift_reference_key
+from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.ml.drift import DriftReference
 from mnist_dagster.ml.robustness import perturbation_registry
-from mnist_dagster.serving import bundle
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
 
@@ -54,7 +54,7 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     assert deployed["deployed"].value is True
     version = deployed["model_version"].value
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    assert bundle.current_version(store, PRODUCTION_ROOT) == version
+    assert read_record(store).production == version
     reference = DriftReference.from_json(store.read_bytes(drift_reference_key(version)))  # what drift compares with
     processed = result.asset_materializations_for_node("processed_mnist_data")[0].metadata
     assert reference.train_count == processed["train_size"].value
@@ -90,8 +90,8 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
 def test_gate_keeps_previous_model_when_candidate_is_below_threshold(dev_test_resources, dev_env, instance):
     assert materialize_all(dev_test_resources, instance).success
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    first = bundle.current_version(store, PRODUCTION_ROOT)
-    pointer_before = store.read_bytes(f"{PRODUCTION_ROOT}/CURRENT.json")
+    first = read_record(store).production
+    record_before = store.read_bytes(DEPLOYMENT_KEY)
 
     weak = materialize_all(dev_test_resources, instance, with_threshold(1.01))  # no model can pass
     assert weak.success
@@ -99,10 +99,10 @@ def test_gate_keeps_previous_model_when_candidate_is_below_threshold(dev_test_re
     assert metadata["deployed"].value is False
     assert metadata["model_version"].value == first
     assert "not above the threshold" in metadata["reason"].value
-    assert store.read_bytes(f"{PRODUCTION_ROOT}/CURRENT.json") == pointer_before
+    assert store.read_bytes(DEPLOYMENT_KEY) == record_before
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == first
-    assert json.loads(pointer_before)["version"] == first
+    assert read_record(store).production == first
 
 
 TRAINING = ["raw_mnist_data", "processed_mnist_data", "digit_classifier"]

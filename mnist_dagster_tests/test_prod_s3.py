@@ -5,7 +5,6 @@ Also: a prod setting that is missing or wrong fails with a message naming the va
 """
 
 import io
-import json
 
 import dagster as dg
 import mlflow
@@ -14,14 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.ml.model import load_checkpoint
 from mnist_dagster.resources import prod_resources
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.storage import StorageResource
-from mnist_dagster.layout import INBOX_PREFIX, SERVING_ROOT
-from mnist_dagster.serving import bundle
+from mnist_dagster.layout import DEPLOYMENT_KEY, INBOX_PREFIX, bundle_prefix
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import read_record
+from mnist_dagster.scoring import bundle
 from mnist_dagster.storage import S3Store, StorageSettingsError, open_store
 from mnist_dagster_tests.s3_server import bucket_keys
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, generated_digits, pipeline_assets_and_checks
@@ -41,7 +41,7 @@ def with_generated_mirror(resources: dict, mirror: str, md5s: dict[str, str]) ->
 
 
 def production_probabilities(store, pixels: np.ndarray) -> tuple[str, np.ndarray]:
-    current = bundle.load_current(store, PRODUCTION_ROOT)
+    current = deploy.production_bundle(store)
     assert current is not None
     return current.version, bundle.Predictor(current).predict_proba(pixels)
 
@@ -66,9 +66,8 @@ def test_prod_pipeline_on_s3_matches_dev(prod_env, fake_mirror, dev_test_resourc
     version = prod.asset_materializations_for_node("production_digit_classifier")[0].metadata["model_version"].value
     stored = ("raw_mnist_data", "processed_mnist_data", "digit_classifier", "model_evaluation")
     expected = {f"{prefix}/assets/{name}.pt" for name in stored}
-    for root in (PRODUCTION_ROOT, SERVING_ROOT):
-        files = ("CURRENT.json", f"{version}/model.onnx", f"{version}/bundle.json")
-        expected |= {f"{prefix}/{root}/{name}" for name in files}
+    expected |= {f"{prefix}/{bundle_prefix(version)}/{name}" for name in ("model.onnx", "bundle.json")}
+    expected.add(f"{prefix}/{DEPLOYMENT_KEY}")
     assert expected <= keys, sorted(expected - keys)
     stored_at = prod.asset_materializations_for_node("digit_classifier")[0].metadata["stored_at"].value
     assert stored_at == f"s3://{bucket}/{prefix}/assets/digit_classifier.pt"
@@ -78,7 +77,7 @@ def test_prod_pipeline_on_s3_matches_dev(prod_env, fake_mirror, dev_test_resourc
     checkpoint = torch.load(io.BytesIO(store.read_bytes("assets/digit_classifier.pt")), weights_only=True)
     prod_version, prod_probabilities = production_probabilities(store, pixels)
     assert prod_version == version
-    assert json.loads(store.read_bytes(f"{SERVING_ROOT}/CURRENT.json"))["version"] == version
+    assert read_record(store).production == version
     model, norm = load_checkpoint(checkpoint)
     with torch.no_grad():
         torch_probabilities = torch.softmax(model((torch.from_numpy(pixels) - norm["mean"]) / norm["std"]), 1).numpy()

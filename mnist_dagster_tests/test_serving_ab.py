@@ -1,9 +1,7 @@
 """Champion vs challenger on a real `mnist-dagster serve`: replace, A/B test and shadow, switched at run time
-through the routing file; every answer and log line names its prediction, arm and model version, and the
+through the deployment record; every answer and log line names its prediction, arm and model version, and the
 log keeps the image the model saw. The contract is in `mnist_dagster/serving/routing.py`."""
 
-import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,17 +9,19 @@ import httpx
 import numpy as np
 import pytest
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
-from mnist_dagster.serving import bundle
+from mnist_dagster.layout import DEPLOYMENT_KEY
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import Routing, Strategy, change_record, read_record
+from mnist_dagster.scoring import bundle
+from mnist_dagster.scoring.preprocess import decode_image, encode_png, mnist_format
 from mnist_dagster.serving.prediction_log import logged_image, read_prediction_log
-from mnist_dagster.serving.preprocess import decode_image, encode_png, mnist_format
-from mnist_dagster.serving.routing import Router, Routing, client_share
-from mnist_dagster.serving.service import LoadedModel
+from mnist_dagster.serving.routing import Router, client_share
+from mnist_dagster.serving.watcher import Deployment, LoadedModel
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, running_server, untrained_bundle
 from mnist_dagster_tests.support import generated_digits, wait_for
 
-POLL_SECONDS = 1.0  # the server's default: routing changes must be followed within ~1-2 s of it
+POLL_SECONDS = 1.0  # the server's default
 LINE_KEYS = {"time", "prediction_id", "arm", "model_version", "digit", "confidence", "endpoint", "image"}
 ANSWER_KEYS = {"digit", "confidence", "probabilities", "model_version", "prediction_id", "arm"}
 
@@ -34,13 +34,13 @@ def challenger() -> bundle.Bundle:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, challenger):
-    """One server for the module, production "1" and challenger "2" published, no routing file yet."""
+    """One server for the module: production "1" deployed, challenger "2" stored (on trial as each test says)."""
     store_dir = tmp_path_factory.mktemp("ab") / "store"
     store = LocalStore(store_dir)
-    bundle.publish(store, SERVING_ROOT, generated_model("1"))
-    bundle.publish(store, CHALLENGER_ROOT, challenger)
+    deploy.make_production(store, generated_model("1"), "test")
+    bundle.store_bundle(store, challenger)
     with running_server(store_dir, "--log-flush-seconds", "0.2", poll_seconds=POLL_SECONDS) as url:
-        wait_for(lambda: health(url)["challenger_version"] == "2", message="the challenger to load")
+        wait_for(lambda: health(url)["model_version"] == "1", timeout=60, message="production to load")
         yield SimpleNamespace(url=url, store=store)
 
 
@@ -48,23 +48,21 @@ def health(url: str) -> dict:
     return httpx.get(f"{url}/health", timeout=5).json()
 
 
-def set_routing(server, routing: dict | None) -> float:
-    """Write (or remove) the routing file as Dagster does; wait until /health shows it; seconds it took."""
-    started = time.monotonic()
-    if routing is None:
-        server.store.delete(ROUTING_KEY)
+def set_routing(server, strategy: str, share: float = 0.0) -> str | None:
+    """Change the deployment record as the gate or the A/B report does (challenger "2" on a new trial under
+    `strategy`, or none for replace); wait until /health shows it; the trial id (the arm hash's salt)."""
+    if strategy == "replace":
+        deploy.end_trial(server.store)
     else:
-        server.store.write_bytes(ROUTING_KEY, json.dumps(routing).encode())
-    expected = {"strategy": "replace", "challenger_traffic": 0.0} if routing is None else None
+        change_record(server.store, lambda record: record.with_challenger("2", Routing(Strategy(strategy), share)))
+    expected = {"strategy": strategy, "challenger_traffic": share if strategy == "ab_test" else 0.0}
+    trial_id = read_record(server.store).trial_id
     wait_for(
-        lambda: health(server.url)["routing"] == (expected or as_served(routing)), timeout=10, message=f"{routing}"
+        lambda: (s := health(server.url))["routing"] == expected and s["trial_id"] == trial_id,
+        timeout=60,
+        message=f"the endpoint to follow the record to {expected}",
     )
-    return time.monotonic() - started
-
-
-def as_served(routing: dict) -> dict:
-    share = routing.get("challenger_traffic", 0.0) if routing["strategy"] == "ab_test" else 0.0
-    return {"strategy": routing["strategy"], "challenger_traffic": share}
+    return trial_id
 
 
 def post_png(client: httpx.Client, png: bytes, key: str | None = None) -> dict:
@@ -84,43 +82,42 @@ def logged_lines(store: LocalStore, ids: set[str]) -> dict[str, dict]:
     return wait_for(all_written, message=f"{len(ids)} prediction log lines")
 
 
-def key_in(arm: str, share: float) -> str:
-    """A client key whose hash puts it in `arm` at this share (found locally: the hash is the contract)."""
+def key_in(arm: str, share: float, salt: str) -> str:
+    """A client key whose salted hash puts it in `arm` at this share in this trial (the hash is the contract)."""
     keys = (f"client-{i}" for i in range(1000))
-    return next(k for k in keys if (client_share(k) < share) == (arm == "challenger"))
+    return next(k for k in keys if (client_share(k, salt) < share) == (arm == "challenger"))
 
 
 PNGS = [encode_png(image) for image in generated_digits(40, seed=7)[0]]
 
 
-def test_replace_or_no_routing_serves_only_production_and_switches_follow_within_seconds(server):
-    set_routing(server, None)
-    assert "no serving-routing.json" in health(server.url)["routing_note"]
+def test_replace_serves_only_production_and_the_endpoint_follows_each_change_of_the_record(server):
+    set_routing(server, "replace")
     with httpx.Client(base_url=server.url, timeout=10) as client:
         answers = [post_png(client, png, key=f"k{i}") for i, png in enumerate(PNGS)]
-        assert {(a["arm"], a["model_version"]) for a in answers} == {("production", "1")}  # challenger ignored
+        assert {(a["arm"], a["model_version"]) for a in answers} == {("production", "1")}
 
-        started = time.monotonic()
-        server.store.write_bytes(ROUTING_KEY, json.dumps({"strategy": "ab_test", "challenger_traffic": 1.0}).encode())
-        wait_for(lambda: post_png(client, PNGS[0])["arm"] == "challenger", timeout=10, message="the A/B test")
-        to_challenger = time.monotonic() - started
+        set_routing(server, "ab_test", 1.0)
         assert {post_png(client, png)["model_version"] for png in PNGS[:10]} == {"2"}
 
-        took = set_routing(server, {"strategy": "replace", "challenger_traffic": 1.0})
+        set_routing(server, "replace")
         assert {post_png(client, png)["arm"] for png in PNGS[:10]} == {"production"}
-        assert to_challenger <= 2.5 and took <= 2.5, (to_challenger, took)  # poll every 1 s: followed within ~1-2 s
 
-        server.store.write_bytes(ROUTING_KEY, b'{"strategy": "ab_test"}')  # no share: refused, production only
-        wait_for(lambda: "cannot use" in (health(server.url)["routing_note"] or ""), message="the bad file noted")
-        assert health(server.url)["routing"]["strategy"] == "replace"
+        good = server.store.read_bytes(DEPLOYMENT_KEY)
+        server.store.write_bytes(DEPLOYMENT_KEY, b'{"format": "mnist-dagster/deployment-v1", "share": 7}')
+        wait_for(lambda: "cannot read the deployment record" in (health(server.url)["routing_note"] or ""),
+                 timeout=60, message="the bad record noted")  # fmt: skip
+        assert health(server.url)["routing"]["strategy"] == "replace"  # what was in force keeps serving
         assert {post_png(client, png)["arm"] for png in PNGS[:10]} == {"production"}
+        server.store.write_bytes(DEPLOYMENT_KEY, good)
+        wait_for(lambda: health(server.url)["routing_note"] is None, timeout=60, message="the record read again")
 
 
 def test_ab_test_same_key_same_arm_and_keyless_traffic_near_the_share(server):
-    set_routing(server, {"strategy": "ab_test", "challenger_traffic": 0.1})
+    trial_id = set_routing(server, "ab_test", 0.1)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for arm, version in (("challenger", "2"), ("production", "1")):
-            key = key_in(arm, 0.1)
+            key = key_in(arm, 0.1, trial_id)
             answers = [post_png(client, PNGS[i % len(PNGS)], key) for i in range(200)]
             assert {(a["arm"], a["model_version"]) for a in answers} == {(arm, version)}, key
             batch = client.post(
@@ -135,30 +132,26 @@ def test_ab_test_same_key_same_arm_and_keyless_traffic_near_the_share(server):
     assert 0.04 <= share <= 0.17, share  # 400 draws at 0.1: sd 1.5 points; these bounds are over 4 sd
 
 
-def _watcher(current) -> SimpleNamespace:
-    return SimpleNamespace(current=current)
-
-
 def test_the_router_splits_10000_requests_within_a_point_and_a_half_of_the_share():
     """In process, through the very function the endpoint calls: keyless random draws, and distinct keys."""
     production = LoadedModel(SimpleNamespace(version="1"), "t0")
     challenger = LoadedModel(SimpleNamespace(version="2"), "t0")
-    router = Router(_watcher(production), _watcher(challenger), _watcher(Routing("ab_test", 0.1)))
+    watcher = SimpleNamespace(current=Deployment(production, challenger, Routing(Strategy.ab_test, 0.1), "trial-1"))
+    router = Router(watcher)
     keyless = sum(router.choose(None).arm == "challenger" for _ in range(10_000)) / 10_000
     keyed = sum(router.choose(f"user-{i}").arm == "challenger" for i in range(10_000)) / 10_000
     assert abs(keyless - 0.1) <= 0.015 and abs(keyed - 0.1) <= 0.015, (keyless, keyed)
     assert all(router.choose("user-7") is router.choose("user-7") for _ in range(100))
-    for strategy in ("replace", "shadow"):
-        router.routing = _watcher(Routing(strategy))
+    for strategy in (Strategy.replace, Strategy.shadow):
+        watcher.current = Deployment(production, challenger, Routing(strategy), "trial-1")
         assert {router.choose(None).arm for _ in range(1000)} == {"production"}
     assert router.choose(None).shadow is challenger
-    router.challenger = _watcher(None)  # routing names a challenger that is not loaded: production only
-    router.routing = _watcher(Routing("ab_test", 1.0))
+    watcher.current = Deployment(production, None, Routing(Strategy.ab_test, 1.0), "trial-1")  # not loaded
     assert router.choose("anyone").arm == "production" and router.choose(None).shadow is None
 
 
 def test_shadow_answers_from_production_and_logs_the_challengers_digit(server, challenger):
-    set_routing(server, {"strategy": "shadow"})
+    set_routing(server, "shadow")
     images, _ = generated_digits(30, seed=11)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         answers = [post_png(client, encode_png(image), key=f"k{i}") for i, image in enumerate(images)]
@@ -186,7 +179,7 @@ def drawing(image: np.ndarray) -> np.ndarray:
 
 
 def test_every_answer_and_log_line_names_its_prediction_and_keeps_the_image_the_model_saw(server):
-    set_routing(server, {"strategy": "ab_test", "challenger_traffic": 0.5})
+    set_routing(server, "ab_test", 0.5)
     images, _ = generated_digits(12, seed=13)
     pngs = [encode_png(drawing(image)) for image in images[:6]]
     with httpx.Client(base_url=server.url, timeout=10) as client:
@@ -212,18 +205,17 @@ def test_every_answer_and_log_line_names_its_prediction_and_keeps_the_image_the_
 
 
 def test_health_names_the_challenger_and_the_routing_in_force(server):
-    set_routing(server, {"strategy": "ab_test", "challenger_traffic": 0.25, "started_by": "dagster"})
+    trial_id = set_routing(server, "ab_test", 0.25)
     status = health(server.url)
-    assert status["model_version"] == "1" and status["challenger_version"] == "2"
+    assert status["model_version"] == "1" and status["challenger_version"] == "2" and status["trial_id"] == trial_id
     assert status["routing"] == {"strategy": "ab_test", "challenger_traffic": 0.25} and status["routing_note"] is None
     assert status["challenger_refused"] == {} and set(status["shadow"]) == {"queued", "scored", "dropped", "failed"}
 
 
 def test_a_refused_challenger_leaves_production_answering_everything(tmp_path: Path):
     store = LocalStore(tmp_path / "store")
-    bundle.publish(store, SERVING_ROOT, generated_model("1"))
-    bundle.publish(store, CHALLENGER_ROOT, bundle.make_bundle("9", b"not an ONNX model"))
-    store.write_bytes(ROUTING_KEY, json.dumps({"strategy": "ab_test", "challenger_traffic": 1.0}).encode())
+    deploy.make_production(store, generated_model("1"), "test")
+    deploy.start_trial(store, bundle.make_bundle("9", b"not an ONNX model"), Routing(Strategy.ab_test, 1.0))
     with running_server(tmp_path / "store") as url, httpx.Client(base_url=url, timeout=10) as client:
         status = wait_for(lambda: (s := health(url))["challenger_refused"] and s, message="the challenger refused")
         assert status["challenger_version"] is None and "does not load as a model" in status["challenger_refused"]["9"]

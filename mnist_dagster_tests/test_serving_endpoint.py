@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 from mnist_dagster.assets.data_assets import raw_mnist_data
-from mnist_dagster.layout import PRODUCTION_ROOT
 from mnist_dagster.assets.prediction_assets import digit_predictions
 from mnist_dagster.resources.serving import ServingEndpoint
-from mnist_dagster.layout import SERVING_ROOT
-from mnist_dagster.serving import bundle
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import change_record
+from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.prediction_log import read_prediction_log
-from mnist_dagster.serving.preprocess import encode_png
+from mnist_dagster.scoring.preprocess import encode_png
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.serving_support import running_server, untrained_bundle
+from mnist_dagster_tests.serving_support import running_server
 from mnist_dagster_tests.support import generated_digits, wait_for
 
 
@@ -60,14 +60,14 @@ def test_503_without_a_model_then_serves_one_published_later_without_restart(sto
         assert refused.status_code == 503
         assert "no model loaded" in refused.json()["detail"]
 
-        bundle.publish(LocalStore(store_dir), SERVING_ROOT, generated_bundle)
+        deploy.make_production(LocalStore(store_dir), generated_bundle, "test")
         served = wait_for(lambda: health(url).status_code == 200 and health(url).json(), message="the model to load")
         assert served["model_version"] == generated_bundle.version
 
 
 def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_bundle, real_digits):
     images, labels = real_digits
-    bundle.publish(LocalStore(store_dir), SERVING_ROOT, real_bundle)
+    deploy.make_production(LocalStore(store_dir), real_bundle, "test")
     with running_server(store_dir) as url:
         assert health(url).json()["model_version"] == real_bundle.version
         answers = [post_png(url, encode_png(image)).json() for image in images[:200]]
@@ -102,25 +102,24 @@ def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_b
 
 def test_hot_swaps_new_bundles_refuses_corrupt_ones_and_logs_what_it_served(store_dir, generated_bundle):
     store = LocalStore(store_dir)
-    bundle.publish(store, SERVING_ROOT, generated_bundle)
+    deploy.make_production(store, generated_bundle, "test")
     images, _ = generated_digits(4, seed=21)
     served = []
     with running_server(store_dir, "--log-flush-seconds", "0.2") as url:
         served.append(post_png(url, encode_png(images[0])).json())
         assert served[-1]["model_version"] == "1"
 
-        bundle.publish(store, SERVING_ROOT, bundle.make_bundle("2", generated_bundle.onnx))
+        deploy.make_production(store, bundle.make_bundle("2", generated_bundle.onnx), "test")
         wait_for(lambda: health(url).json()["model_version"] == "2", message="version 2 to be served")
         served.append(post_png(url, encode_png(images[1])).json())
         assert served[-1]["model_version"] == "2"
 
-        bundle.publish(store, SERVING_ROOT, bundle.make_bundle("3", b"these bytes are not an ONNX model"))
+        deploy.make_production(store, bundle.make_bundle("3", b"these bytes are not an ONNX model"), "test")
         refused = wait_for(lambda: health(url).json()["refused"].get("3"), message="version 3 to be refused")
         assert "does not load as a model" in refused
         manifest = bundle.make_bundle("4", generated_bundle.onnx).manifest
-        bundle.publish(
-            store, SERVING_ROOT, bundle.Bundle("4", generated_bundle.onnx + b"\0", manifest)
-        )  # checksum fails
+        bundle.store_bundle(store, bundle.Bundle("4", generated_bundle.onnx + b"\0", manifest))  # checksum fails
+        change_record(store, lambda record: record.with_production("4", "test"))
         wait_for(lambda: health(url).json()["refused"].get("4"), message="version 4 to be refused")
         assert "does not match its checksum" in health(url).json()["refused"]["4"]
         assert health(url).json()["model_version"] == "2"
@@ -191,7 +190,7 @@ BAD_BATCH = [
 
 
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(store_dir, generated_bundle):
-    bundle.publish(LocalStore(store_dir), SERVING_ROOT, generated_bundle)
+    deploy.make_production(LocalStore(store_dir), generated_bundle, "test")
     with running_server(store_dir) as url, httpx.Client(base_url=url, timeout=10) as client:
         for name, content_type, body, status, phrase in BAD_SINGLE:
             headers = {"Content-Type": content_type} if content_type else {}
@@ -221,7 +220,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(store_dir, gene
 @pytest.fixture
 def with_production(dev_env, generated_bundle) -> LocalStore:
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    bundle.publish(store, PRODUCTION_ROOT, generated_bundle)
+    deploy.make_production(store, generated_bundle, "test")
     return store
 
 
@@ -240,71 +239,31 @@ def materialization_metadata(result: dg.ExecuteInProcessResult) -> dict:
     return {k: v.value for k, v in result.asset_materializations_for_node("digit_predictions")[0].metadata.items()}
 
 
-def test_digit_predictions_publishes_checks_and_the_running_server_follows(
+def test_digit_predictions_reports_what_the_running_server_follows(
     dev_test_resources,
     dev_env,
     instance,
-    with_production,
     generated_bundle,
 ):
+    """The endpoint follows the deployment record by itself; digit_predictions checks it did, over HTTP."""
     with running_server(Path(dev_env["MNIST_DATA_DIR"])) as url:
-        assert health(url).status_code == 503  # nothing published to the serving location yet
-        result = materialize_digit_predictions(
-            dev_test_resources, instance, serving_url=url, check_images=300, http_check_images=20
-        )
+        assert health(url).status_code == 503  # nothing deployed yet
+        deploy.make_production(LocalStore(dev_env["MNIST_DATA_DIR"]), generated_bundle, "test")
+        result = materialize_digit_predictions(dev_test_resources, instance, serving_url=url, http_check_images=20)
         assert result.success
         metadata = materialization_metadata(result)
         assert metadata["model_version"] == generated_bundle.version
-        assert metadata["check_images"] == 300
-        assert metadata["disagreements"] == 0 and metadata["max_probability_gap"] <= 1e-6
-        assert metadata["accuracy"] == generated_bundle.manifest["test_accuracy"]  # same images, same pixels
-        assert 0 < metadata["latency_p50_ms"] <= metadata["latency_p99_ms"]
+        assert metadata["challenger_version"] == "none" and metadata["routing"] == "production only"
         assert metadata["http_check"] == f"{url} serves version {generated_bundle.version}"
+        assert metadata["http_check_images"] == 20
         assert health(url).json()["model_version"] == generated_bundle.version
-    assert bundle.current_version(with_production, SERVING_ROOT) == generated_bundle.version
 
 
 def test_digit_predictions_fails_when_the_server_does_not_pick_up_the_model(
     dev_test_resources, instance, with_production, tmp_path
 ):
     with running_server(tmp_path / "another-store") as url:  # serves a different store: never sees the model
-        result = materialize_digit_predictions(
-            dev_test_resources, instance, serving_url=url, check_images=50, http_timeout_seconds=2.0
-        )
+        result = materialize_digit_predictions(dev_test_resources, instance, serving_url=url, http_timeout_seconds=2.0)
     assert not result.success
     message = result.get_step_failure_events()[0].step_failure_data.error.message
     assert "did not serve model version 1 within 2 s" in message
-
-
-def test_digit_predictions_publishes_a_weak_model_the_serving_path_answers_faithfully(
-    dev_test_resources, dev_env, instance
-):
-    """Accuracy on the check images is reported, never compared with the 10k test accuracy: a model that
-    does worse on these images than its record says (here: untrained, claiming 99%) is still served
-    exactly as it is, and that is all this asset is asked to ensure (the gate judged the model)."""
-    store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    bundle.publish(store, PRODUCTION_ROOT, untrained_bundle("7", claimed_accuracy=0.99))
-    result = materialize_digit_predictions(dev_test_resources, instance, check_images=200)
-    assert result.success
-    metadata = materialization_metadata(result)
-    assert metadata["disagreements"] == 0 and metadata["accuracy"] < 0.5
-    assert bundle.current_version(store, SERVING_ROOT) == "7"
-
-
-def test_digit_predictions_refuses_a_serving_path_that_answers_differently(
-    dev_test_resources, dev_env, instance, monkeypatch, generated_bundle
-):
-    """A preprocessing bug (here: the image transposed on its way to the model) gives other answers than
-    the model's own on the same pixels: nothing is published."""
-    from mnist_dagster.serving import service
-
-    store = LocalStore(dev_env["MNIST_DATA_DIR"])
-    bundle.publish(store, PRODUCTION_ROOT, generated_bundle)
-    faithful = service.mnist_format
-    monkeypatch.setattr(service, "mnist_format", lambda pixels: faithful(pixels).T.copy())
-    result = materialize_digit_predictions(dev_test_resources, instance, check_images=200)
-    assert not result.success
-    message = result.get_step_failure_events()[0].step_failure_data.error.message
-    assert "Not published" in message and "answers differently from the model" in message
-    assert "different digits" in message
-    assert bundle.current_version(store, SERVING_ROOT) is None

@@ -10,8 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
-from mnist_dagster.serving import bundle
+from mnist_dagster.lifecycle.record import Routing, Strategy
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.scoring import bundle
 from mnist_dagster.serving.app import DigitService, create_app
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model
@@ -58,7 +59,7 @@ def routed(monkeypatch) -> list[str]:
 def clients(tmp_path, routed):
     """Two apps over one store with a published model: with and without the fast path."""
     store = LocalStore(tmp_path)
-    bundle.publish(store, SERVING_ROOT, generated_model("7"))
+    deploy.make_production(store, generated_model("7"), "test")
     apps = {name: create_app(store, poll_seconds=0.1, fast_path=name == "fast") for name in ("fast", "route")}
     with TestClient(apps["fast"]) as fast, TestClient(apps["route"]) as route:
         for client in (fast, route):
@@ -116,9 +117,8 @@ def test_other_routes_pass_through_the_fast_path(clients):
 def test_both_paths_give_a_client_key_the_same_arm(tmp_path):
     """In an A/B test the fast path and the route read the `X-Client-Key` header alike: same key, same arm."""
     store = LocalStore(tmp_path)
-    bundle.publish(store, SERVING_ROOT, generated_model("7"))
-    bundle.publish(store, CHALLENGER_ROOT, bundle.make_bundle("8", generated_model("7").onnx))
-    store.write_bytes(ROUTING_KEY, json.dumps({"strategy": "ab_test", "challenger_traffic": 0.5}).encode())
+    deploy.make_production(store, generated_model("7"), "test")
+    deploy.start_trial(store, bundle.make_bundle("8", generated_model("7").onnx), Routing(Strategy.ab_test, 0.5))
     apps = [create_app(store, poll_seconds=0.1, fast_path=fast) for fast in (True, False)]
     with TestClient(apps[0]) as fast, TestClient(apps[1]) as route:
         for client in (fast, route):

@@ -26,9 +26,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from mnist_dagster.layout import SERVING_ROOT
-from mnist_dagster.serving import bundle, service
-from mnist_dagster.serving.preprocess import InputError, mnist_format, mnist_format_many
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.scoring import bundle
+from mnist_dagster.serving import service
+from mnist_dagster.scoring.preprocess import InputError, mnist_format, mnist_format_many
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, running_server
 
@@ -41,7 +42,7 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("fuzz") / "store"
-    bundle.publish(LocalStore(store_dir), SERVING_ROOT, generated_model())
+    deploy.make_production(LocalStore(store_dir), generated_model(), "test")
     with running_server(store_dir) as url:
         yield url
 

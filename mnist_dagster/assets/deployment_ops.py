@@ -1,16 +1,18 @@
 """Changing production outside the gate: a rollback by hand (`rollback_job`), and a promotion after an A/B
 test (`ab_test_report` with `auto_promote`).
 
-Either way, the same three steps follow the change in the store (`serving.deploy`, the source of truth):
-the running endpoint is told (it switches within its poll interval, about a second, no restart), the
-MLflow registry's `production` alias follows (and `challenger` goes, the trial being over), and a
+Either way, the change is one flip of the deployment record (`lifecycle/deploy.py`), which the running
+endpoint follows by itself (within its poll interval, about a second, no restart); then the MLflow
+registry's `production` alias follows (and `challenger` goes, the trial being over), and a
 materialization of `production_digit_classifier` is reported, so its history in the UI says what serves
 now, and why, beside the gate's own decisions.
 """
 
 import dagster as dg
 
-from mnist_dagster.layout import PRODUCTION_ROOT
+from mnist_dagster.layout import bundle_prefix
+from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.resources.mlflow import CHALLENGER_ALIAS, PRODUCTION_ALIAS, MlflowTracking
 from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.storage import Store
@@ -26,28 +28,26 @@ def announce_production(
     previous: str | None,
     reason: str,
 ) -> dict:
-    """After production changed in the store: publish it to the endpoint, move the registry's aliases and
-    report the change as a materialization of `production_digit_classifier`; returns its metadata."""
-    from mnist_dagster.serving import bundle, deploy
-
-    production = bundle.load_current(store, PRODUCTION_ROOT)
+    """After production changed in the deployment record: move the registry's aliases and report the change
+    as a materialization of `production_digit_classifier`; returns its metadata."""
+    record = read_record(store)
+    production = record.production
     assert production is not None, "announce_production follows a change of production"
-    routing = deploy.publish_to_endpoint(store, production)
-    context.log.info(f"Published production version {production.version} to the endpoint; routing {routing.strategy}")
-    mlflow.set_alias(PRODUCTION_ALIAS, production.version)
-    if routing.strategy == "replace":  # a new production ends any trial: no challenger left to name
+    context.log.info(f"Production is version {production} in the deployment record; the endpoint follows it")
+    mlflow.set_alias(PRODUCTION_ALIAS, production)
+    if record.challenger is None:  # a new production ends any trial: no challenger left to name
         mlflow.delete_alias(CHALLENGER_ALIAS)
     metadata = {
         "deployed": True,
         "decision": decision,
         "reason": reason,
-        "model_version": production.version,
+        "model_version": production,
         "previous_version": previous or "none",
         "registered_model": mlflow.registered_model_name,
-        "bundle": dg.MetadataValue.path(store.uri(f"{PRODUCTION_ROOT}/{production.version}")),
+        "bundle": dg.MetadataValue.path(store.uri(bundle_prefix(production))),
     }
     context.log_event(
-        dg.AssetMaterialization(PRODUCTION_MODEL, metadata=metadata, tags={"dagster/data_version": production.version})
+        dg.AssetMaterialization(PRODUCTION_MODEL, metadata=metadata, tags={"dagster/data_version": production})
     )
     return metadata
 
@@ -64,8 +64,6 @@ def roll_back_production(
     """Restores a verified earlier bundle as production; a version that does not exist or fails its
     checksum fails the run and changes nothing. Not retried: a second attempt after a success would roll
     back from the restored version."""
-    from mnist_dagster.serving import deploy
-
     store = storage.open()
     try:
         replaced, restored = deploy.roll_back(store, config.version)
@@ -78,6 +76,6 @@ def roll_back_production(
     except Exception as error:
         raise dg.Failure(
             f"Production is now version {restored} in the store, but telling the endpoint or MLflow failed: {error}. "
-            "Materialize digit_predictions to publish it, and set the MLflow alias by hand if needed.",
+            "The endpoint follows the record by itself; set the MLflow alias by hand if needed.",
             allow_retries=False,
         ) from error

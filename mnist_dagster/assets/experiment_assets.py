@@ -111,7 +111,7 @@ def _onnx_ms_per_image(onnx: bytes, processed: dict, requests: int = 200) -> flo
     """Median milliseconds of one single-image request to ONNX Runtime, as the endpoint makes them."""
     import numpy as np
 
-    from mnist_dagster.serving.bundle import Predictor, make_bundle
+    from mnist_dagster.scoring.bundle import Predictor, make_bundle
 
     predictor = Predictor(make_bundle("sweep", onnx))
     pixels = (processed["test_images"][:requests] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()

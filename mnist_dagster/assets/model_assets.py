@@ -4,7 +4,7 @@ Each training is one MLflow run: params, per-epoch metrics, curves, the model, t
 """
 
 
-from typing import Literal, Optional
+from typing import Optional
 
 import dagster as dg
 from pydantic import Field
@@ -13,7 +13,10 @@ from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RE
 from mnist_dagster.assets.config import TrainingConfig, training_config
 from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.assets.training import train_and_record
-from mnist_dagster.layout import PRODUCTION_ROOT
+from mnist_dagster.layout import bundle_prefix, drift_reference_key
+from mnist_dagster.lifecycle import check, deploy
+from mnist_dagster.lifecycle.record import Routing, Strategy, read_record
+from mnist_dagster.scoring import bundle
 from mnist_dagster.resources.compute import GPU_TRAINING_POD, ComputeResource
 from mnist_dagster.resources.mlflow import (
     CHALLENGER_ALIAS,
@@ -100,7 +103,6 @@ def model_evaluation(
 
     from mnist_dagster.ml import evaluate, plots
     from mnist_dagster.ml.model import load_checkpoint
-    from mnist_dagster.serving import bundle
 
     device = compute.resolve_device()
     model, _ = load_checkpoint(digit_classifier, device)
@@ -143,6 +145,7 @@ def model_evaluation(
             "mlflow_run_id": run_id,
             "comparison": comparison,
             "drift_reference": reference,
+            **_serving_check_images(processed_mnist_data),
         },
         metadata={
             "test_accuracy": result.accuracy,
@@ -165,6 +168,12 @@ def _drift_reference(processed: dict, test_confidences) -> bytes:
 
     pixels = (processed["train_images"] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
     return build_reference(pixels.numpy(), processed["train_labels"].numpy(), test_confidences.numpy()).to_json()
+
+
+def _serving_check_images(processed: dict, count: int = 1000) -> dict:
+    """Held-out test images as uint8 (the way they were stored), for the gate's serving-path check."""
+    pixels = (processed["test_images"][:count] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
+    return {"check_images": pixels.mul(255).round().byte(), "check_labels": processed["test_labels"][:count].clone()}
 
 
 def _metric_artifacts(metrics: dict) -> dict[str, bytes]:
@@ -199,9 +208,8 @@ def _compare_with_production(storage: StorageResource, candidate_predictions, pr
     The candidate's answers come from evaluation's one pass through its ONNX graph; production's are
     scored here."""
     from mnist_dagster.ml.compare import mcnemar_exact
-    from mnist_dagster.serving import bundle
 
-    production = bundle.load_current(storage.open(), PRODUCTION_ROOT)
+    production = deploy.production_bundle(storage.open())
     if production is None:
         return None
     pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()  # as the candidate saw them
@@ -221,8 +229,9 @@ def _compare_with_production(storage: StorageResource, candidate_predictions, pr
 class DeploymentConfig(dg.Config):
     accuracy_threshold: float = 0.95  # deploy only if test accuracy is strictly above this
     alpha: float = 0.05  # refuse a candidate significantly worse than production at this level (McNemar)
-    strategy: Literal["replace", "ab_test", "shadow"] = "replace"  # how a candidate that passes is deployed
+    strategy: Strategy = Strategy.replace  # how a candidate that passes is deployed
     challenger_traffic: float = Field(0.1, ge=0.0, le=1.0)  # ab_test: the share of requests the challenger answers
+    probability_tolerance: float = 1e-4  # serving-path check: allowed gap between served and model probabilities
 
 
 @dg.asset(
@@ -242,17 +251,18 @@ def production_digit_classifier(
 ) -> dg.MaterializeResult:
     """The model every prediction path uses, changed only by a candidate that passes the gate.
 
-    The gate: test accuracy above `accuracy_threshold`, and not significantly worse than the production
+    The gate: test accuracy above `accuracy_threshold`, not significantly worse than the production
     model on the same 10k test images (McNemar's exact test at `alpha`; the first model needs only the
-    threshold). A refusal is a successful run that says why; production stays. A candidate that passes
-    becomes a new registry version and, by `strategy`, production (`replace`: files first, pointer last,
-    then the `production` alias) or the challenger beside it (`ab_test`, `shadow`: alias `challenger`).
+    threshold), and the serving-path check: held-out images sent the way clients send them must get the
+    model's own answers. A refusal is a successful run that says why; production stays. A candidate that
+    passes becomes a new registry version and, by `strategy`, production (`replace`: the bundle first, the
+    deployment record flipped last, then the `production` alias) or the challenger beside it (`ab_test`,
+    `shadow`: alias `challenger`). A candidate failing the serving-path check fails the step, and neither
+    the record nor the registry aliases change.
     """
-    from mnist_dagster.serving import bundle
-
     store = storage.open()
     accuracy, comparison = model_evaluation["test_accuracy"], model_evaluation.get("comparison")
-    previous = bundle.current_version(store, PRODUCTION_ROOT)
+    previous = read_record(store).production
     run_id = digit_classifier["mlflow_run_id"]
     common = {
         "test_accuracy": accuracy, "threshold": config.accuracy_threshold, "alpha": config.alpha,
@@ -265,6 +275,7 @@ def production_digit_classifier(
             metadata={**common, "deployed": False, "decision": "refused", "reason": refusal, "model_version": previous or "none"},
             data_version=dg.DataVersion(previous or "none"),
         )
+    path = _check_serving_path(digit_classifier["onnx"], model_evaluation, config)
     version = mlflow.register_version(digit_classifier["mlflow_model_uri"], run_id)
     candidate = bundle.make_bundle(
         version, digit_classifier["onnx"], test_accuracy=accuracy, mlflow_run_id=run_id, dagster_run_id=context.run_id
@@ -279,21 +290,48 @@ def production_digit_classifier(
             "deployed": True,
             "decision": decision,
             "reason": reason,
-            "strategy": config.strategy if previous is not None else "replace (no production model yet)",
+            "strategy": str(config.strategy) if previous is not None else "replace (no production model yet)",
             "model_version": version,
             "previous_version": previous or "none",
             "registered_model": mlflow.registered_model_name,
             "bundle": dg.MetadataValue.path(store.uri(where)),
+            **_serving_path_metadata(path),
         },
         data_version=dg.DataVersion(served),
     )
 
 
+def _check_serving_path(onnx: bytes, evaluation: dict, config: DeploymentConfig) -> check.PathCheck | None:
+    """Held-out images through the upload recipe must get the model's own answers, before anything flips."""
+    if "check_images" not in evaluation:  # an evaluation stored before the check moved into the gate
+        raise dg.Failure("model_evaluation has no serving-check images: materialize model_evaluation again")
+    predictor = bundle.Predictor(bundle.make_bundle("candidate", onnx))
+    try:
+        return check.check_serving_path(
+            predictor, evaluation["check_images"].numpy(), evaluation["check_labels"].numpy(), config.probability_tolerance
+        )
+    except check.ServingCheckError as error:
+        raise dg.Failure(
+            f"Not deployed: the serving-path check failed: {error}. Production and the registry aliases are unchanged.",
+            allow_retries=False,  # the same model and code fail the same way
+        ) from error
+
+
+def _serving_path_metadata(path: check.PathCheck | None) -> dict:
+    if path is None:
+        return {}
+    return {
+        "serving_check_images": path.images,
+        "serving_check_disagreements": path.disagreements,
+        "serving_check_max_probability_gap": path.max_probability_gap,
+        "serving_check_accuracy": path.accuracy,
+        "serving_check_latency_p50_ms": check.percentile_ms(path.latencies, 50),
+    }
+
+
 def _save_drift_reference(store, version: str, evaluation: dict, log) -> None:
     """The version's drift reference, written before it serves (as production or challenger), so that
     `prediction_drift` always finds one for the model that answered."""
-    from mnist_dagster.layout import drift_reference_key
-
     if "drift_reference" not in evaluation:  # an evaluation stored before drift monitoring existed
         log.warning(f"model_evaluation has no drift reference: prediction_drift will skip version {version}")
         return
@@ -302,16 +340,14 @@ def _save_drift_reference(store, version: str, evaluation: dict, log) -> None:
 
 def _deploy(store, candidate, previous: str | None, config: DeploymentConfig, mlflow: MlflowTracking, run_id: str):
     """`candidate` becomes production or, by `config.strategy`, the challenger; (decision, data version, where)."""
-    from mnist_dagster.serving import deploy
-
     version = candidate.version
-    if config.strategy == "replace" or previous is None:
+    if config.strategy == Strategy.replace or previous is None:
         deploy.make_production(store, candidate, f"passed the gate in run {run_id}")
         mlflow.set_alias(PRODUCTION_ALIAS, version)
-        return "production", version, f"{PRODUCTION_ROOT}/{version}"
-    deploy.start_trial(store, candidate, deploy.Routing(config.strategy, config.challenger_traffic))
+        return "production", version, bundle_prefix(version)
+    deploy.start_trial(store, candidate, Routing(config.strategy, config.challenger_traffic))
     mlflow.set_alias(CHALLENGER_ALIAS, version)
-    return f"challenger ({config.strategy})", f"{previous}+challenger-{version}", f"{deploy.CHALLENGER_MODEL_ROOT}/{version}"
+    return f"challenger ({config.strategy})", f"{previous}+challenger-{version}", bundle_prefix(version)
 
 
 def _refusal(accuracy: float, comparison: dict | None, production: str | None, config: DeploymentConfig) -> str | None:

@@ -13,12 +13,12 @@ from typing import Any
 import dagster as dg
 
 from mnist_dagster.assets.metadata import png_markdown, table
-from mnist_dagster.layout import DRIFT_CURSOR_KEY, PREDICTIONS_PREFIX, PRODUCTION_ROOT, drift_reference_key
+from mnist_dagster.layout import DRIFT_CURSOR_KEY, SCORED_PREFIX, drift_reference_key
+from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.resources.storage import StorageResource
 from mnist_dagster.storage import Store
 
 DRIFT_CHECK = "no_prediction_drift"
-SCORED_PREFIX = f"{PREDICTIONS_PREFIX}/scored"
 STATISTIC_COLUMNS = ["statistic", "test", "value", "p_value", "moderate", "severe", "severity", "reference", "current"]
 WHY_THRESHOLDS = (
     "A statistic alarms when its effect size passes the threshold AND its test gives p < alpha. Defaults "
@@ -140,10 +140,8 @@ def _batch_rows(store: Store, keys: list[str], version: str) -> tuple[Any, Any]:
 def prediction_drift(
     context: dg.AssetExecutionContext, config: DriftConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    from mnist_dagster.serving import bundle
-
     store = storage.open()
-    version = bundle.current_version(store, PRODUCTION_ROOT)
+    version = read_record(store).production
     if version is None:
         return _nothing_judged("no production model yet: nothing to compare", None, 0)
     if not store.exists(drift_reference_key(version)):

@@ -10,17 +10,23 @@ import dagster as dg
 from pydantic import Field
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
+from mnist_dagster.assets.deployment_ops import announce_production
 from mnist_dagster.assets.metadata import png_markdown, table
+from mnist_dagster.lifecycle import ab_report
+from mnist_dagster.lifecycle.ab_report import rule_text
 from mnist_dagster.resources.mlflow import MlflowTracking
 from mnist_dagster.resources.serving import ServingEndpoint
 from mnist_dagster.resources.storage import StorageResource
-from mnist_dagster.layout import CHALLENGER_ROOT, PRODUCTION_ROOT, SERVING_ROOT
+from mnist_dagster.digits import IMAGE_SIDE
+from mnist_dagster.layout import DEPLOYMENT_KEY
+from mnist_dagster.lifecycle import check, deploy
+from mnist_dagster.lifecycle.record import read_record
+from mnist_dagster.scoring import bundle
+from mnist_dagster.scoring.batch import InboxPlan, commit_shards, plan_shards, score_inbox, score_shard
 
 
-def _production_bundle(storage: StorageResource):
-    from mnist_dagster.serving.bundle import load_current
-
-    production = load_current(storage.open(), PRODUCTION_ROOT)
+def _production_bundle(storage: StorageResource) -> bundle.Bundle:
+    production = deploy.production_bundle(storage.open())
     if production is None:
         raise dg.Failure(
             "No production model yet: materialize production_digit_classifier first "
@@ -50,12 +56,9 @@ def batch_digit_predictions(
 
     Inbox (`inbox/` in the store): PNG/JPEG files, and `.npz` batches with `images` uint8 N x 28 x 28.
     Nothing is scored twice: a ledger remembers each (file, content) already done. See
-    `mnist_dagster/serving/batch.py` for the formats and the ledger.
+    `mnist_dagster/scoring/batch.py` for the formats and the ledger.
     """
-    from mnist_dagster.serving.batch import score_inbox
-    from mnist_dagster.serving.bundle import Predictor
-
-    predictor = Predictor(_production_bundle(storage))
+    predictor = bundle.Predictor(_production_bundle(storage))
     store = storage.open()
     result = score_inbox(store, predictor, context.run_id)
     for row in result.rejected.itertuples():
@@ -105,8 +108,6 @@ class BatchFanOutConfig(dg.Config):
 def plan_batch_shards(context: dg.OpExecutionContext, config: BatchFanOutConfig, storage: StorageResource):
     """What is new in the inbox (as `batch_digit_predictions` sees it), split into shards balanced by bytes;
     the production version is fixed here, so every shard scores with the same model."""
-    from mnist_dagster.serving.batch import plan_shards
-
     version = _production_bundle(storage).version
     plan = plan_shards(storage.open(), config.shards)
     context.log.info(
@@ -120,11 +121,8 @@ def plan_batch_shards(context: dg.OpExecutionContext, config: BatchFanOutConfig,
 @dg.op(retry_policy=TRANSIENT_IO_RETRY)
 def score_batch_shard(context: dg.OpExecutionContext, shard: dict, storage: StorageResource) -> dict:
     """Score one shard with the planned production version; its own Parquet file, no ledger write."""
-    from mnist_dagster.serving import bundle
-    from mnist_dagster.serving.batch import score_shard
-
     store = storage.open()
-    predictor = bundle.Predictor(bundle.load(store, PRODUCTION_ROOT, shard["model_version"]))
+    predictor = bundle.Predictor(bundle.load(store, shard["model_version"]))
     result, done = score_shard(store, predictor, shard["files"], context.run_id, shard["index"])
     context.log.info(
         f"shard {shard['index']}: {len(result.predictions)} images from {len(shard['files'])} files, "
@@ -142,8 +140,6 @@ def commit_batch_ledger(
     context: dg.OpExecutionContext, plan: dict, scored: list[dict], storage: StorageResource
 ) -> None:
     """The ledger, written once after every shard's tables, and `batch_digit_predictions`'s materialization."""
-    from mnist_dagster.serving.batch import InboxPlan, commit_shards
-
     store = storage.open()
     commit_shards(store, InboxPlan(plan["inbox_objects"], [], plan["seen"]), [part["done"] for part in scored])
     rows = sorted(({k: v for k, v in part.items() if k != "done"} for part in scored), key=lambda row: row["index"])
@@ -183,9 +179,7 @@ def _low_confidence_grid(result, count: int) -> dg.MarkdownMetadataValue:
 
 
 class ServingCheckConfig(dg.Config):
-    check_images: int = 1000  # held-out test images sent through the server's code path before publishing
-    probability_tolerance: float = 1e-4  # allowed gap between served and model probabilities on one image
-    http_check_images: int = 100  # of those, how many are also sent to the running server, when there is one
+    http_check_images: int = 100  # test images sent to the running server, when there is one
     http_timeout_seconds: float = 60.0  # how long the running server may take to pick up the new version
 
 
@@ -194,7 +188,7 @@ class ServingCheckConfig(dg.Config):
     kinds={"onnx", "fastapi"},
     deps=["production_digit_classifier"],
     retry_policy=TRANSIENT_IO_RETRY,
-    # Republish whenever a new model is deployed; raw_mnist_data only lends its test images, it is no trigger.
+    # Follow every new deployment; raw_mnist_data only lends its test images, it is no trigger.
     automation_condition=RETRAIN_ON_NEW_DATA.ignore(dg.AssetSelection.assets("raw_mnist_data")),
 )
 def digit_predictions(
@@ -204,74 +198,39 @@ def digit_predictions(
     serving_endpoint: ServingEndpoint,
     raw_mnist_data: dict,
 ) -> dg.MaterializeResult:
-    """The real-time endpoint's model: publishes the production bundle to the serving location, where
-    `mnist-dagster serve` picks it up without a restart.
+    """The real-time endpoint: `mnist-dagster serve` follows the deployment record by itself (production,
+    challenger, routing), loading the immutable bundles it names without a restart; nothing is copied.
 
-    Before publishing, held-out test images (as PNG, the way clients send them) go through the server's
-    own request code, which must answer what the model answers on the same pixels; otherwise the
-    server's preprocessing is not the training's, and nothing is published. When `MNIST_SERVING_URL`
-    names a running server, it must then serve the new version within the timeout.
+    The gate already sent held-out images through the serving path before the record flipped. Here, when
+    `MNIST_SERVING_URL` names a running server, it must serve the production version within the timeout
+    and answer the model's own digits; the metadata says what the endpoint serves and how traffic is split.
     """
-    from mnist_dagster.serving import check, deploy
-    from mnist_dagster.serving.bundle import BundleError
-
     store = storage.open()
-    production, challenger = _production_bundle(storage), deploy.current_challenger(store)
-    images = raw_mnist_data["test_images"][: config.check_images].numpy()
-    labels = raw_mnist_data["test_labels"][: config.check_images].numpy()
-    path = _check_serving_path("production", production, images, labels, config.probability_tolerance)
-    if challenger is not None:
-        _check_serving_path("challenger", challenger, images, labels, config.probability_tolerance)
-    routing = deploy.publish_to_endpoint(store, production)
-    try:
-        check.verify_published(store, SERVING_ROOT, production)
-        if challenger is not None:
-            check.verify_published(store, CHALLENGER_ROOT, challenger)
-    except (check.ServingCheckError, BundleError) as error:
-        raise dg.Failure(f"Publishing failed its read-back: {error}") from error
-    context.log.info(f"Published production {production.version} to {store.uri(SERVING_ROOT)}; routing {routing}")
-
+    record = read_record(store)
+    production = _production_bundle(storage)
+    routing = record.routing
     recorded = production.manifest.get("test_accuracy")
     metadata = {
         "model_version": production.version,
-        "challenger_version": challenger.version if challenger else "none",
-        "routing": f"{routing.strategy} (challenger share {routing.challenger_traffic})" if challenger else "production only",
-        "serving_location": dg.MetadataValue.path(store.uri(SERVING_ROOT)),
-        "check_images": path.images,
-        "disagreements": path.disagreements,
-        "max_probability_gap": path.max_probability_gap,
-        "accuracy": path.accuracy,
+        "challenger_version": record.challenger or "none",
+        "routing": f"{routing.strategy} (challenger share {routing.challenger_traffic})" if record.challenger else "production only",
+        "trial_id": record.trial_id or "none",
+        "deployment_record": dg.MetadataValue.path(store.uri(DEPLOYMENT_KEY)),
         "recorded_test_accuracy": recorded if recorded is not None else "unknown",
-        "latency_p50_ms": check.percentile_ms(path.latencies, 50),
-        "latency_p99_ms": check.percentile_ms(path.latencies, 99),
     }
     if serving_endpoint.configured:
-        metadata |= _check_live_server(context, serving_endpoint.url, production.version, images, path.digits, config)
+        images = raw_mnist_data["test_images"][: config.http_check_images].numpy()
+        digits = bundle.Predictor(production).predict_proba(images.reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).astype("float32") / 255).argmax(1)
+        metadata |= _check_live_server(context, serving_endpoint.url, production.version, images, digits, config)
     else:
         metadata["http_check"] = "skipped: no running server to check (MNIST_SERVING_URL is not set)"
-    served = production.version + (f"+challenger-{challenger.version}-{routing.strategy}" if challenger else "")
+    served = production.version + (f"+challenger-{record.challenger}-{routing.strategy}" if record.challenger else "")
+    context.log.info(f"The endpoint follows {store.uri(DEPLOYMENT_KEY)}: production {production.version}, {metadata['routing']}")
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(served))
 
 
-def _check_serving_path(role: str, model, images, labels, tolerance: float):
-    """The server's code answers what `model` answers on the check images; else nothing is published."""
-    from mnist_dagster.serving import check
-    from mnist_dagster.serving.bundle import Predictor
-
-    try:
-        return check.check_serving_path(Predictor(model), images, labels, tolerance)
-    except check.ServingCheckError as error:
-        raise dg.Failure(
-            f"Not published: the {role} model (version {model.version}): {error}.",
-            metadata={"model_version": model.version, "role": role},
-            allow_retries=False,  # the same model and code fail the same way
-        ) from error
-
-
 def _check_live_server(context, url: str, version: str, images, digits, config: ServingCheckConfig) -> dict:
-    """The running server serves `version` within the timeout and gives the same digits as the check."""
-    from mnist_dagster.serving import check
-
+    """The running server serves `version` within the timeout and gives the same digits as the model."""
     count = config.http_check_images
     try:
         live = check.check_live_server(url, version, images[:count], digits[:count], config.http_timeout_seconds)
@@ -309,8 +268,6 @@ def ab_test_report(
     With `auto_promote`, a `promote` makes the challenger production at once: store, endpoint, MLflow
     aliases. No trial, no traffic or no feedback is a quick successful run that says so.
     """
-    from mnist_dagster.serving import ab_report
-
     store = storage.open()
     trial = ab_report.current_trial(store)
     if trial is None:
@@ -328,9 +285,6 @@ def ab_test_report(
 
 def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, report) -> None:
     """The challenger becomes production, and the endpoint, the registry and the asset history follow."""
-    from mnist_dagster.assets.deployment_ops import announce_production
-    from mnist_dagster.serving import deploy
-
     previous, promoted = deploy.promote_challenger(store)
     why = f"promoted after an A/B test ({report.trial.strategy}): {report.decision.why}"
     announce_production(context, store, mlflow, "promoted", previous, why)
@@ -339,8 +293,6 @@ def _promote(context: dg.AssetExecutionContext, store, mlflow: MlflowTracking, r
 
 def _ab_metadata(report, config: AbTestConfig, promoted: bool) -> dict:
     """What a person reads on the asset page: the arms, the decision with its numbers, and the rule."""
-    from mnist_dagster.serving.ab_report import rule_text
-
     trial, decision = report.trial, report.decision
     metadata = {
         "decision": decision.verdict,

@@ -143,7 +143,7 @@ class MlflowTracking(dg.ConfigurableResource):
         import onnxruntime
         from mlflow.models import infer_signature
 
-        from mnist_dagster.serving.bundle import INPUT_CONTRACT
+        from mnist_dagster.scoring.bundle import INPUT_CONTRACT
 
         mlflow, _ = self._client()
         session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
@@ -161,7 +161,7 @@ class MlflowTracking(dg.ConfigurableResource):
     def register_version(self, model_uri: str, run_id: str) -> str:
         """A new version of the registered model, described with its input contract; it serves nothing
         until it gets the alias."""
-        from mnist_dagster.serving.bundle import describe_input
+        from mnist_dagster.scoring.bundle import describe_input
 
         mlflow, client = self._client()
         version = str(mlflow.register_model(model_uri, self.registered_model_name, tags={"run_id": run_id}).version)

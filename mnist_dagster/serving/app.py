@@ -1,6 +1,6 @@
 """The real-time endpoint: FastAPI over the newest serving bundle in the store.
 
-`DigitService` holds the watchers (production, challenger, routing: see `serving/routing.py` for the
+`DigitService` holds the deployment watcher (production, challenger, routing: see `serving/routing.py` for the
 contract with the Dagster side), the logs and the shadow scorer; each route is one of its methods, marked
 with `@route`, and `create_app` builds the FastAPI app from them. Every answer names its `prediction_id`,
 `arm` and `model_version`; the server remembers the ids it issued so that `POST /feedback` can take the
@@ -31,19 +31,20 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.serving import openapi, page, routing, service
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, IssuedPredictions, parse_feedback
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
-from mnist_dagster.serving.preprocess import InputError
-from mnist_dagster.serving.routing import Assignment, Router, RoutingWatcher
-from mnist_dagster.serving.service import MAX_BODY_BYTES, ModelWatcher, Prediction
+from mnist_dagster.scoring.preprocess import InputError
+from mnist_dagster.serving.routing import Assignment, Router
+from mnist_dagster.serving.service import MAX_BODY_BYTES, Prediction
+from mnist_dagster.serving.watcher import DeploymentWatcher
 from mnist_dagster.serving.shadow import ShadowScorer
+from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.storage import Store
 
 JSON = "application/json"
 CLIENT_KEY = routing.CLIENT_KEY_HEADER.lower()
-NO_MODEL_DETAIL = "no model loaded yet: materialize digit_predictions to publish the production model to this store"
+NO_MODEL_DETAIL = "no model loaded yet: nothing is deployed in this store (materialize production_digit_classifier)"
 
 
 class NoModel(Exception):
@@ -101,24 +102,13 @@ class Logs:
 
 
 class DigitService:
-    """The service over `store`: serves the bundle `<root>/CURRENT.json` names (and the challenger under
-    `challenger_root`, as the routing file says), and follows each as it moves."""
+    """The service over `store`: serves the models the deployment record names, and follows it as it moves."""
 
-    def __init__(
-        self,
-        store: Store,
-        root: str,
-        poll_seconds: float,
-        logs: Logs | None = None,
-        challenger_root: str = CHALLENGER_ROOT,
-        routing_key: str = ROUTING_KEY,
-    ) -> None:
-        self.watcher = ModelWatcher(store, root, poll_seconds)
+    def __init__(self, store: Store, poll_seconds: float, logs: Logs | None = None) -> None:
         # One ONNX thread for the challenger: its shadow batches then run on the shadow scorer's own (lowered
         # priority) thread and never take more than one core from production; a single image is no slower.
-        self.challenger_watcher = ModelWatcher(store, challenger_root, poll_seconds, threads=1)
-        self.routing_watcher = RoutingWatcher(store, routing_key, poll_seconds)
-        self.router = Router(self.watcher, self.challenger_watcher, self.routing_watcher)
+        self.watcher = DeploymentWatcher(store, poll_seconds, challenger_threads=1)
+        self.router = Router(self.watcher)
         self.logs = logs or Logs()
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
         self.shadow = ShadowScorer(self.logs.predictions) if self.logs.predictions else None
@@ -129,7 +119,7 @@ class DigitService:
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         # Started sinks first, sources last; stopped the other way, so the shadow's last digits reach the log.
         parts = [self.logs.predictions, self.logs.feedback, self.shadow]
-        parts += [self.routing_watcher, self.challenger_watcher, self.watcher]
+        parts.append(self.watcher)
         started = [part for part in parts if part is not None]
         for part in started:
             part.start()
@@ -151,7 +141,7 @@ class DigitService:
     ) -> list[dict[str, Any]]:
         """The answers to `predictions`, each with a new `prediction_id` (remembered for `/feedback`) and its
         arm; their log records are handed to the log, or through the shadow scorer, which only enqueue."""
-        now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, 28, 28)
+        now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
         answers, records = [], []
         for image, p in zip(images, predictions):
             prediction_id = os.urandom(16).hex()
@@ -225,7 +215,7 @@ class DigitService:
         status = self.watcher.status()
         loaded = status["model_version"] is not None
         shadow = self.shadow.status() if self.shadow else None
-        answer = {"status": "ok" if loaded else "no model", **status, **self.router.status(), "shadow": shadow}
+        answer = {"status": "ok" if loaded else "no model", **status, "shadow": shadow}
         return Response(json.dumps(answer), status_code=200 if loaded else 503, media_type=JSON)
 
     @route("GET", "/", include_in_schema=False)
@@ -260,17 +250,14 @@ def _parse_and_predict_batch(
 
 def create_app(
     store: Store,
-    root: str = SERVING_ROOT,
     poll_seconds: float = 1.0,
     prediction_log: PredictionLog | None = None,
     fast_path: bool = True,
     feedback_log: FeedbackLog | None = None,
-    challenger_root: str = CHALLENGER_ROOT,
-    routing_key: str = ROUTING_KEY,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
     logs = Logs(prediction_log, feedback_log)
-    digits = DigitService(store, root, poll_seconds, logs, challenger_root, routing_key)
+    digits = DigitService(store, poll_seconds, logs)
     app = FastAPI(
         title=openapi.TITLE,
         summary=openapi.SUMMARY,

@@ -2,8 +2,8 @@
 
     mnist-dagster serve [--host 127.0.0.1] [--port 8000] [--store LOCATION]
 
-Serves the production bundle under `serving/`, and a challenger under `serving-challenger/` as the
-routing file `serving-routing.json` says (see `serving/routing.py`); logs predictions under
+Serves the models the deployment record `deployment.json` names (production, and a challenger as its
+routing says; see `serving/routing.py`), following every change of it without a restart; logs predictions under
 `prediction_log/` and client feedback under `feedback/`. `GET /` is a page to draw a digit on.
 
 LOCATION is a local folder or `s3://bucket/prefix` (boto3 reads AWS credentials, `AWS_REGION` and
@@ -17,7 +17,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mnist_dagster.layout import CHALLENGER_ROOT, ROUTING_KEY, SERVING_ROOT
 from mnist_dagster.storage import default_data_dir
 
 
@@ -30,15 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--store", default=None, help="local folder or s3://bucket/prefix (default: MNIST_DATA_DIR or <repo>/data)"
     )
-    serve.add_argument("--root", default=SERVING_ROOT, help=f"bundle root inside the store (default {SERVING_ROOT!r})")
     serve.add_argument(
-        "--challenger-root", default=CHALLENGER_ROOT, help=f"challenger bundle root (default {CHALLENGER_ROOT!r})"
-    )
-    serve.add_argument(
-        "--routing-key", default=ROUTING_KEY, help=f"routing file in the store (default {ROUTING_KEY!r})"
-    )
-    serve.add_argument(
-        "--poll-seconds", type=float, default=1.0, help="how often to look for a newly published model or routing"
+        "--poll-seconds", type=float, default=1.0, help="how often to read the deployment record for a change"
     )
     serve.add_argument(
         "--log-flush-seconds", type=float, default=5.0, help="how often the prediction and feedback logs are written"
@@ -62,14 +54,11 @@ def serve(args: argparse.Namespace) -> None:
     prediction_log = None if args.no_prediction_log else PredictionLog(store, flush_seconds=args.log_flush_seconds)
     app = create_app(
         store,
-        root=args.root,
         poll_seconds=args.poll_seconds,
         prediction_log=prediction_log,
         feedback_log=FeedbackLog(store, flush_seconds=args.log_flush_seconds),
-        challenger_root=args.challenger_root,
-        routing_key=args.routing_key,
     )
-    logging.getLogger("mnist_dagster.serving").info("Serving models from %s (root %r)", location, args.root)
+    logging.getLogger("mnist_dagster.serving").info("Serving the deployment recorded in %s", location)
     # uvloop and httptools are picked automatically where installed; no access log on the request path.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from mnist_dagster.layout import FEEDBACK_LANDED_KEY, FEEDBACK_PREFIX, LANDING_PREFIX, PREDICTION_LOG_PREFIX
+from mnist_dagster.layout import FEEDBACK_BATCH_PREFIX, FEEDBACK_LANDED_KEY, FEEDBACK_PREFIX, LANDING_PREFIX, PREDICTION_LOG_PREFIX
 from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
-from mnist_dagster.serving.preprocess import InputError
+from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving.service import JSON_TYPE, json_object, media_type
 from mnist_dagster.storage import Store
 
@@ -116,7 +116,6 @@ def parse_feedback(body: bytes, content_type: str | None) -> tuple[str, int]:
 
 # ----- corrections become training data ------------------------------------------------------------
 
-FEEDBACK_BATCH_PREFIX = f"{LANDING_PREFIX}/feedback-"
 
 
 def latest_labels(feedback: Iterable[dict]) -> dict[str, int]:

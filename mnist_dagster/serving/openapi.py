@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from mnist_dagster.serving import preprocess, routing
+from mnist_dagster.scoring import preprocess
+from mnist_dagster.serving import routing
 from mnist_dagster.serving.service import MAX_BATCH
 
 TITLE = "MNIST digit classifier"

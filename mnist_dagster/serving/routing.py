@@ -1,129 +1,49 @@
-"""Champion vs challenger: which model answers a request. The contract with the Dagster side, which writes
-the files below (the server only reads them):
+"""Champion vs challenger: which model answers a request, from the deployment in force.
 
-- The production bundle is published under `serving/` (`layout.SERVING_ROOT`) as always. A challenger,
-  when there is one, is published the same way (`bundle.publish`, same bundle format) under
-  `serving-challenger/` (`layout.CHALLENGER_ROOT`).
-- `serving-routing.json` (`layout.ROUTING_KEY`) says how traffic is split:
+The deployment record (`lifecycle/record.py`) names production, the challenger and the routing;
+`DeploymentWatcher` keeps the loaded `Deployment`. Here:
 
-      {"strategy": "replace" | "ab_test" | "shadow", "challenger_traffic": 0.1}
+- `replace`: production answers everything.
+- `ab_test`: a share `challenger_traffic` of clients is answered by the challenger. A request with an
+  `X-Client-Key` header always gets the same arm within a trial (sha256 of trial id + key -> a number in
+  [0, 1); below the share => challenger). The hash is salted with the trial id, so each trial draws its own
+  audience rather than showing the same clients every challenger. A request without a key gets a random draw.
+- `shadow`: production answers everything; the challenger also scores the same preprocessed image off the
+  request path, and its digit is recorded in the prediction log (`shadow_digit`, `shadow_version`).
+- While the record names a challenger that is not loaded (refused, or still loading), production answers.
 
-  `replace`: production answers everything; a challenger, if published, is ignored.
-  `ab_test`: a share `challenger_traffic` (a number in [0, 1], required for ab_test) of requests is
-  answered by the challenger. A request with an `X-Client-Key` header always gets the same arm for the
-  same key and share (sha256 of the key -> a number in [0, 1); below the share => challenger; raising
-  the share only moves keys towards the challenger); a request without one gets a random draw.
-  `shadow`: production answers everything; the challenger also scores the same preprocessed image off
-  the request path and its digit is recorded in the prediction log (`shadow_digit`, `shadow_version`).
-  Other keys are ignored (Dagster may add its own, e.g. when the test started). An absent file means
-  `replace`; an unreadable or invalid one too, logged once and the reason shown in `/health` as `routing_note`.
-- Order of writes: the challenger bundle first, then the routing file. To end a test, write routing
-  `replace` (the challenger bundle may stay; it is ignored). To promote the challenger, publish its
-  bundle under `serving/` and write `replace`.
-- While the routing names a challenger that is not loaded (none published, or its bundle refused), all
-  traffic goes to production.
-
-The server polls the three (each model root by its own `ModelWatcher`, the routing file by a
-`RoutingWatcher`) every `--poll-seconds` and swaps each with one assignment; the `Router` turns the
-three into an `Assignment` per request with a few attribute reads (kept off the store and cheap enough
-for the ASGI fast path).
+The `Router` turns the deployment into an `Assignment` per request with a few attribute reads and, in an
+A/B test, one hash or random draw (cheap enough for every request).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
 
-from mnist_dagster.serving.service import LoadedModel, ModelWatcher, Poller
-from mnist_dagster.storage import Store
+from mnist_dagster.lifecycle.record import CHALLENGER, PRODUCTION, Strategy
+from mnist_dagster.serving.watcher import Deployment, DeploymentWatcher, LoadedModel
 
-logger = logging.getLogger("mnist_dagster.serving")
-
-REPLACE, AB_TEST, SHADOW = "replace", "ab_test", "shadow"
-STRATEGIES = (REPLACE, AB_TEST, SHADOW)
-PRODUCTION, CHALLENGER = "production", "challenger"
 CLIENT_KEY_HEADER = "X-Client-Key"
 _HASH_SCALE = 1.0 / 2**64
 
 
-@dataclass(frozen=True)
-class Routing:
-    strategy: str = REPLACE
-    challenger_traffic: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "challenger_traffic": self.challenger_traffic}
-
-
-NO_ROUTING = Routing()
-
-
-def parse_routing(data: bytes) -> Routing:
-    """The routing file's bytes -> `Routing`; raises `ValueError` saying what is wrong with them."""
-    document = json.loads(data)
-    if not isinstance(document, dict):
-        raise ValueError("must be a JSON object")
-    strategy = document.get("strategy", REPLACE)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    if strategy != AB_TEST:
-        return Routing(strategy)
-    share = document.get("challenger_traffic")
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"ab_test needs 'challenger_traffic', a number in [0, 1] (got {share!r})")
-    return Routing(AB_TEST, float(share))
-
-
-class RoutingWatcher(Poller):
-    """Keeps the routing file's content as `current`, polled off the request path; anything wrong => replace."""
-
-    thread_name = "routing-watcher"
-
-    def __init__(self, store: Store, key: str, poll_seconds: float = 1.0) -> None:
-        super().__init__(poll_seconds)
-        self.store, self.key = store, key
-        self.current: Routing = NO_ROUTING
-        self.note: str | None = None  # why the file is not in force (missing, unreadable, invalid)
-
-    def refresh(self) -> None:
-        routing, note, level = self._read()
-        if note is not None and note != self.note:
-            logger.log(level, "%s", note)  # once per new state, not once per poll
-        if routing != self.current:
-            logger.info("Routing is now %s (was %s)", routing.as_dict(), self.current.as_dict())
-            self.current = routing  # replaced only on a change, so the Router's identity check stays cheap
-        self.note = note
-
-    def _read(self) -> tuple[Routing, str | None, int]:
-        """The routing in the file; and, when it is not used, why (and how loudly to log it)."""
-        try:
-            return parse_routing(self.store.read_bytes(self.key)), None, logging.INFO
-        except FileNotFoundError:
-            return NO_ROUTING, f"no {self.key}: serving production only", logging.INFO
-        except Exception as error:  # noqa: BLE001 - bad JSON, a bad value, a store outage: all mean replace
-            problem = f"cannot use {self.key} ({type(error).__name__}: {error}); serving production only"
-            return NO_ROUTING, problem, logging.ERROR
-
-
-def client_share(client_key: str) -> float:
-    """A client key -> a number in [0, 1), the same for the same key on every server and every run."""
-    digest = hashlib.sha256(client_key.encode("utf-8", "surrogateescape")).digest()
+def client_share(client_key: str, salt: str = "") -> float:
+    """A client key -> a number in [0, 1), the same for the same key and salt on every server and every run."""
+    digest = hashlib.sha256(f"{salt}:{client_key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") * _HASH_SCALE
 
 
-def goes_to_challenger(share: float, client_key: str | None) -> bool:
-    """Whether a request is in the challenger's `share`: by its key's hash (sticky), else by a random draw."""
-    return (client_share(client_key) if client_key else random.random()) < share
+def goes_to_challenger(share: float, client_key: str | None, salt: str = "") -> bool:
+    """Whether a request is in the challenger's `share`: by its key's salted hash (sticky), else a random draw."""
+    return (client_share(client_key, salt) if client_key else random.random()) < share
 
 
 @dataclass(frozen=True)
 class Assignment:
     """Who answers a request (`arm`, `model`) and who scores it in the shadow; `label` is the
-    (arm, version) pair remembered per prediction id, one shared tuple per assignment."""
+    (arm, version) pair recorded per prediction, one shared tuple per assignment."""
 
     arm: str
     model: LoadedModel
@@ -136,56 +56,40 @@ class Assignment:
 
 @dataclass(frozen=True)
 class _Table:
-    """The assignments for one state of (production, challenger, routing), built once per change."""
+    """The assignments for one `Deployment`, built once per change."""
 
-    production: LoadedModel | None
-    challenger: LoadedModel | None
-    routing: Routing
+    deployment: Deployment
     default: Assignment | None  # what answers outside the challenger's share; None: no model at all
     challenger_arm: Assignment | None  # set only in an A/B test with a challenger loaded
     share: float
+    salt: str
 
 
-def _table(production: LoadedModel | None, challenger: LoadedModel | None, routing: Routing) -> _Table:
+def _table(deployment: Deployment) -> _Table:
+    production, challenger, routing = deployment.production, deployment.challenger, deployment.routing
+    salt = deployment.trial_id or ""
     if production is None:
-        return _Table(production, challenger, routing, None, None, 0.0)
-    if challenger is None or routing.strategy == REPLACE:
-        return _Table(production, challenger, routing, Assignment(PRODUCTION, production), None, 0.0)
-    if routing.strategy == SHADOW:
-        return _Table(production, challenger, routing, Assignment(PRODUCTION, production, challenger), None, 0.0)
+        return _Table(deployment, None, None, 0.0, salt)
+    if challenger is None or routing.strategy == Strategy.replace:
+        return _Table(deployment, Assignment(PRODUCTION, production), None, 0.0, salt)
+    if routing.strategy == Strategy.shadow:
+        return _Table(deployment, Assignment(PRODUCTION, production, challenger), None, 0.0, salt)
     arms = Assignment(PRODUCTION, production), Assignment(CHALLENGER, challenger)
-    return _Table(production, challenger, routing, *arms, routing.challenger_traffic)
+    return _Table(deployment, *arms, routing.challenger_traffic, salt)
 
 
 class Router:
-    """Chooses the `Assignment` of each request from what the three watchers hold right now."""
+    """Chooses the `Assignment` of each request from what the watcher holds right now."""
 
-    def __init__(self, production: ModelWatcher, challenger: ModelWatcher, routing: RoutingWatcher) -> None:
-        self.production, self.challenger, self.routing = production, challenger, routing
-        self._table = _table(None, None, NO_ROUTING)
+    def __init__(self, watcher: DeploymentWatcher) -> None:
+        self.watcher = watcher
+        self._table = _table(Deployment())
 
     def choose(self, client_key: str | None = None) -> Assignment | None:
-        """The assignment for one request (None while no production model is loaded). Costs three
-        attribute reads and, in an A/B test, one hash or random draw."""
-        table = self._current_table()
-        if table.challenger_arm is not None and goes_to_challenger(table.share, client_key):
+        """The assignment for one request (None while no production model is loaded)."""
+        table = self._table
+        if table.deployment is not self.watcher.current:
+            table = self._table = _table(self.watcher.current)
+        if table.challenger_arm is not None and goes_to_challenger(table.share, client_key, table.salt):
             return table.challenger_arm
         return table.default
-
-    def _current_table(self) -> _Table:
-        production, challenger, routing = self.production.current, self.challenger.current, self.routing.current
-        table = self._table
-        if table.production is not production or table.challenger is not challenger or table.routing is not routing:
-            table = self._table = _table(production, challenger, routing)
-        return table
-
-    def status(self) -> dict[str, Any]:
-        """What `/health` says about the challenger and the routing in force."""
-        challenger = self.challenger.status()
-        return {
-            "challenger_version": challenger["model_version"],
-            "challenger_loaded_at": challenger["loaded_at"],
-            "challenger_refused": challenger["refused"],
-            "routing": self.routing.current.as_dict(),
-            "routing_note": self.routing.note,
-        }

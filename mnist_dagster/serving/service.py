@@ -1,7 +1,7 @@
 """The request path of the HTTP service, without the HTTP: parse a body, predict, shape the answer.
 
-`digit_predictions` checks a newly published model through these same functions, so what it measures
-is what the server does. `ModelWatcher` keeps the newest good bundle loaded and swaps it in atomically.
+The serving-path check (`lifecycle/check.py`) sends its images through the same preprocessing
+(`scoring.preprocess.prepare_upload`), so what it measures is what the server does.
 """
 
 from __future__ import annotations
@@ -9,20 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
-import threading
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from mnist_dagster.serving.bundle import BundleError, Predictor, current_version, load
-from mnist_dagster.serving.preprocess import InputError, decode_image, mnist_format, pixels_from_json
-from mnist_dagster.storage import Store
-
-logger = logging.getLogger("mnist_dagster.serving")
+from mnist_dagster.scoring.bundle import Predictor
+from mnist_dagster.scoring.preprocess import InputError, mnist_format, pixels_from_json, prepare_upload
 
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg"})
 JSON_TYPE = "application/json"
@@ -61,7 +54,7 @@ def parse_image(body: bytes, content_type: str | None) -> np.ndarray:
     if not body:
         raise InputError('empty body: send a PNG or JPEG image, or JSON {"pixels": 28 rows of 28 numbers 0-255}', 400)
     if kind in IMAGE_TYPES:
-        return mnist_format(decode_image(body))
+        return prepare_upload(body)
     document = json_object(body, allowed={"pixels"})
     if "pixels" not in document:
         raise InputError('JSON body must be {"pixels": 28 rows of 28 numbers 0-255}')
@@ -86,7 +79,7 @@ def _batch_item(index: int, item: Any) -> np.ndarray:
             raise InputError('each image must be {"pixels": 28x28 numbers} or {"image_base64": "<PNG or JPEG>"}')
         if "pixels" in item:
             return mnist_format(pixels_from_json(item["pixels"]))
-        return mnist_format(decode_image(_base64(item["image_base64"])))
+        return prepare_upload(_base64(item["image_base64"]))
     except InputError as error:
         raise InputError(f"images[{index}]: {error}", error.status) from error
 
@@ -132,110 +125,3 @@ def predict_request(predictor: Predictor, body: bytes, content_type: str | None)
 def predict_batch_request(predictor: Predictor, body: bytes, content_type: str | None) -> list[Prediction]:
     """`POST /predict/batch` without the HTTP."""
     return predict(predictor, parse_batch(body, content_type))
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    predictor: Predictor
-    loaded_at: str
-
-    @property
-    def version(self) -> str:
-        return self.predictor.version
-
-
-class Poller:
-    """A daemon thread that calls `refresh()` every `poll_seconds` (and once, synchronously, on `start`):
-    what the model watchers and the routing watcher share, so every store read stays off the request path."""
-
-    poll_seconds: float
-    thread_name = "poller"
-
-    def __init__(self, poll_seconds: float) -> None:
-        self.poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def refresh(self) -> None:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        self.refresh()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name=self.thread_name, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - the watcher outlives any single failure
-                logger.exception("%s: unexpected error; will try again", self.thread_name)
-
-
-class ModelWatcher(Poller):
-    """Keeps the newest good bundle under `root` loaded, polling the pointer off the request path.
-
-    A new version is loaded and self-tested in the background, then swapped in with one assignment, so a
-    request sees the old model or the new one, never a mix. A version that fails to load is refused
-    (logged, shown by `/health`) and the current model keeps serving; it is retried every
-    `retry_seconds` in case the failure was the store's rather than the bundle's. `threads`: ONNX Runtime's
-    intra-op threads (0: its default pool; 1: the calling thread only).
-    """
-
-    thread_name = "model-watcher"
-
-    def __init__(
-        self, store: Store, root: str, poll_seconds: float = 1.0, retry_seconds: float = 30.0, threads: int = 0
-    ) -> None:
-        super().__init__(poll_seconds)
-        self.store, self.root, self.retry_seconds, self.threads = store, root, retry_seconds, threads
-        self.current: LoadedModel | None = None
-        self.refused: dict[str, tuple[str, float]] = {}  # version -> (reason, monotonic time refused)
-        self._pointer_error: str | None = None
-
-    def refresh(self) -> None:
-        """Load the version the pointer names, if it is new and not recently refused."""
-        version = self._pointed_version()
-        if version is None or (self.current is not None and version == self.current.version):
-            return
-        refused = self.refused.get(version)
-        if refused is not None and time.monotonic() - refused[1] < self.retry_seconds:
-            return
-        try:
-            # By default ONNX Runtime's own thread pool, whose idle threads sleep rather than spin (see `Predictor`):
-            # a single-image request runs on the event loop, so nothing else competes with the pool for the CPU.
-            predictor = Predictor(load(self.store, self.root, version), self.threads)
-        except BundleError as error:
-            self.refused[version] = (str(error), time.monotonic())
-            serving = self.current.version if self.current else "nothing"
-            logger.error("Refused model version %s under %s (still serving %s): %s", version, self.root, serving, error)
-            return
-        previous = self.current.version if self.current else None
-        self.current = LoadedModel(predictor, datetime.now(timezone.utc).isoformat())
-        self.refused.pop(version, None)
-        logger.info("Now serving model version %s from %s (was %s)", version, self.root, previous or "nothing")
-
-    def _pointed_version(self) -> str | None:
-        try:
-            version = current_version(self.store, self.root)
-        except Exception as error:  # noqa: BLE001 - a store outage or a bad pointer must not stop serving
-            message = f"cannot read {self.root}/CURRENT.json: {error}"
-            if message != self._pointer_error:
-                logger.error("%s; still serving %s", message, self.current.version if self.current else "nothing")
-            self._pointer_error = message
-            return None
-        self._pointer_error = None
-        return version
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "model_version": self.current.version if self.current else None,
-            "loaded_at": self.current.loaded_at if self.current else None,
-            "refused": {version: reason for version, (reason, _) in self.refused.items()},
-        }

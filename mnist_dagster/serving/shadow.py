@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
-from mnist_dagster.serving.service import LoadedModel
+from mnist_dagster.serving.watcher import LoadedModel
 
 logger = logging.getLogger("mnist_dagster.serving")
 

@@ -1,9 +1,10 @@
 """The serving bundle: the one model format every prediction path uses.
 
-A bundle is `model.onnx` (raw pixels in [0, 1] -> probabilities; normalisation is inside the graph)
-plus `bundle.json` (version, provenance, input contract, checksum), stored under `<root>/<version>/`.
-`<root>/CURRENT.json` names the live version and is written last, so publishing is atomic: a reader
-sees the previous bundle or the new one, never half of one.
+A bundle is `model.onnx` (raw pixels in [0, 1] -> probabilities; normalisation and the calibration
+temperature are inside the graph) plus `bundle.json` (version, provenance, input contract, checksum),
+stored once under `models/<version>/` (`layout.bundle_prefix`) and never changed. Which version serves is
+the deployment record's business (`lifecycle/record.py`), written after the bundle, so a reader never
+meets a version whose files are not all there.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from typing import Any
 
 import numpy as np
 
+import onnxruntime as ort
+
+from mnist_dagster.digits import IMAGE_SIDE, NUM_CLASSES
+from mnist_dagster.layout import bundle_prefix
 from mnist_dagster.storage import Store
 
 BUNDLE_FORMAT = "mnist-dagster/serving-bundle-v1"
-POINTER = "CURRENT.json"
 INPUT_CONTRACT = {
     "name": "pixels",
     "dtype": "float32",
-    "shape": ["batch", 1, 28, 28],
+    "shape": ["batch", 1, IMAGE_SIDE, IMAGE_SIDE],
     "range": [0.0, 1.0],
     "polarity": "white digit on black background (MNIST); invert black-on-white drawings first",
 }
@@ -61,32 +65,34 @@ def make_bundle(version: str, onnx: bytes, **provenance: Any) -> Bundle:
         "created_at": datetime.now(timezone.utc).isoformat(),
         "onnx_sha256": hashlib.sha256(onnx).hexdigest(),
         "input": INPUT_CONTRACT,
-        "output": {"name": "probabilities", "shape": ["batch", 10]},
+        "output": {"name": "probabilities", "shape": ["batch", NUM_CLASSES]},
         **provenance,
     }
     return Bundle(version=version, onnx=onnx, manifest=manifest)
 
 
-def publish(store: Store, root: str, bundle: Bundle) -> None:
-    """Write the bundle's files, then flip the pointer to it."""
-    store.write_bytes(f"{root}/{bundle.version}/model.onnx", bundle.onnx)
-    store.write_bytes(f"{root}/{bundle.version}/bundle.json", json.dumps(bundle.manifest, indent=2).encode())
-    store.write_bytes(f"{root}/{POINTER}", json.dumps({"version": bundle.version}).encode())
+def store_bundle(store: Store, bundle: Bundle) -> None:
+    """Write `bundle` under `models/<version>/`, the ONNX first and the manifest last (a reader checks both).
+    Bundles are immutable: storing the same bundle again is a no-op (a retried step), a different one under
+    a version already taken is refused."""
+    prefix = bundle_prefix(bundle.version)
+    if store.exists(f"{prefix}/bundle.json"):
+        stored = json.loads(store.read_bytes(f"{prefix}/bundle.json"))
+        if stored.get("onnx_sha256") != bundle.manifest.get("onnx_sha256"):
+            raise BundleError(f"version {bundle.version} is already stored with another model; bundles never change")
+        return
+    store.write_bytes(f"{prefix}/model.onnx", bundle.onnx)
+    store.write_bytes(f"{prefix}/bundle.json", json.dumps(bundle.manifest, indent=2).encode())
 
 
-def current_version(store: Store, root: str) -> str | None:
-    if not store.exists(f"{root}/{POINTER}"):
-        return None
-    return str(json.loads(store.read_bytes(f"{root}/{POINTER}"))["version"])
-
-
-def load(store: Store, root: str, version: str) -> Bundle:
+def load(store: Store, version: str) -> Bundle:
     """Read and verify one bundle; raises `BundleError` rather than returning something half-valid."""
+    prefix = bundle_prefix(version)
     try:
-        manifest = json.loads(store.read_bytes(f"{root}/{version}/bundle.json"))
-        onnx = store.read_bytes(f"{root}/{version}/model.onnx")
+        manifest = json.loads(store.read_bytes(f"{prefix}/bundle.json"))
+        onnx = store.read_bytes(f"{prefix}/model.onnx")
     except Exception as error:  # noqa: BLE001 - missing file, bad JSON, storage error: all mean "unusable"
-        raise BundleError(f"bundle {version!r} under {root!r} is unreadable: {error}") from error
+        raise BundleError(f"bundle {version!r} under {prefix!r} is unreadable: {error}") from error
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"bundle {version!r} has format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
     if hashlib.sha256(onnx).hexdigest() != manifest.get("onnx_sha256"):
@@ -94,31 +100,24 @@ def load(store: Store, root: str, version: str) -> Bundle:
     return Bundle(version=str(manifest["model_version"]), onnx=onnx, manifest=manifest)
 
 
-def load_current(store: Store, root: str) -> Bundle | None:
-    version = current_version(store, root)
-    return None if version is None else load(store, root, version)
-
-
 class Predictor:
     """ONNX Runtime inference over a verified bundle; checks itself on load so a broken model never serves."""
 
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         # Idle ONNX threads sleep instead of spinning: spinning steals the CPU the HTTP server needs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(bundle.onnx, options, providers=["CPUExecutionProvider"])
-            probabilities = self.predict_proba(np.zeros((1, 1, 28, 28), np.float32))
+            probabilities = self.predict_proba(np.zeros((1, 1, IMAGE_SIDE, IMAGE_SIDE), np.float32))
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BundleError(f"bundle {bundle.version!r} does not load as a model: {error}") from error
-        if probabilities.shape != (1, 10) or not np.isfinite(probabilities).all():
+        if probabilities.shape != (1, NUM_CLASSES) or not np.isfinite(probabilities).all():
             raise BundleError(f"bundle {bundle.version!r} fails its self-test (output {probabilities.shape})")
         self.bundle = bundle
         self.version = bundle.version
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
-        """`pixels`: float32 (N, 1, 28, 28) in [0, 1] -> probabilities (N, 10)."""
+        """`pixels`: float32 (N, 1, 28, 28) in [0, 1] -> calibrated probabilities (N, 10)."""
         return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]

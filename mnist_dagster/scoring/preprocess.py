@@ -22,8 +22,10 @@ import io
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-MNIST_SIDE = 28
+from mnist_dagster.digits import IMAGE_SIDE as MNIST_SIDE
+
 DIGIT_BOX = 20  # longest side of the digit after scaling, as in MNIST
 MAX_IMAGE_SIDE = 2048  # larger images are refused before they are decoded (decompression bombs)
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -41,7 +43,6 @@ class InputError(ValueError):
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG or JPEG bytes -> grayscale float32 (H, W) with values 0-255."""
-    from PIL import Image
 
     if not data:
         raise InputError("empty image: send the bytes of a PNG or JPEG file", 400)
@@ -63,7 +64,6 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def _grayscale(image) -> np.ndarray:
-    from PIL import Image
 
     if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit PNG: scale 0-65535 to 0-255
         return np.asarray(image, dtype=np.float32) / np.float32(257.0)
@@ -111,6 +111,12 @@ def mnist_format(pixels: np.ndarray) -> np.ndarray:
     return _centre_by_mass(_scale_to_box(_crop_to_ink(ink))) * _SCALE
 
 
+def prepare_upload(data: bytes) -> np.ndarray:
+    """An uploaded PNG or JPEG (any size, either polarity) -> float32 (28, 28) in [0, 1]: the one recipe for
+    `POST /predict`, the batch inbox's image files and the serving-path check."""
+    return mnist_format(decode_image(data))
+
+
 def mnist_format_many(images: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) and {index: reason} for the images refused.
 
@@ -152,7 +158,6 @@ def _crop_to_ink(ink: np.ndarray) -> np.ndarray:
 
 
 def _scale_to_box(ink: np.ndarray) -> np.ndarray:
-    from PIL import Image
 
     height, width = ink.shape
     scale = DIGIT_BOX / max(height, width)
@@ -175,7 +180,6 @@ def _centre_by_mass(box: np.ndarray) -> np.ndarray:
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 (H, W) grayscale -> PNG bytes: how the serving check and the tests send real digits."""
-    from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")

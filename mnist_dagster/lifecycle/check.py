@@ -1,8 +1,10 @@
 """Before a model reaches the endpoint: does the serving path answer what the model answers?
 
-`digit_predictions` runs these (no Dagster here) and turns a `ServingCheckError` into a failed step.
+The gate (`production_digit_classifier`) runs `check_serving_path` BEFORE the deployment record flips,
+so a model that fails it never serves and production stays as it was; `digit_predictions` then checks
+that a running endpoint picked the new version up (`check_live_server`). No Dagster here.
 The question is faithfulness, not accuracy: each test image goes, as a PNG the way clients send it,
-through the very function behind `POST /predict`, and the answer must be the model's own answer on the
+through the upload recipe behind `POST /predict` (`scoring.preprocess.prepare_upload`), and the answer must be the model's own answer on the
 same pixels (same digit, probabilities within a tolerance). An accuracy is reported for a person to
 read, never compared: a sample of 1,000 images can be harder than the 10k test set, and refusing on
 that would refuse good models by chance.
@@ -15,11 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnist_dagster.serving import bundle as bundles
-from mnist_dagster.serving import client, service
+from mnist_dagster.scoring import bundle as bundles
+from mnist_dagster.scoring.preprocess import MNIST_SIDE, encode_png, prepare_upload
+from mnist_dagster.serving import client
 from mnist_dagster.serving.client import ServingCheckError
-from mnist_dagster.serving.preprocess import MNIST_SIDE, encode_png
-from mnist_dagster.storage import Store
 
 #: The server rounds probabilities to 6 decimals; anything larger than this is a different computation.
 PROBABILITY_TOLERANCE = 1e-4
@@ -69,20 +70,14 @@ def check_serving_path(
 
 
 def _through_the_server_code(predictor: bundles.Predictor, pngs: list[bytes]) -> tuple[np.ndarray, list[float]]:
-    """Each PNG through `service.predict_request`, the function behind `POST /predict`, timed one by one."""
+    """Each PNG through the upload recipe behind `POST /predict` and the predictor, timed one by one."""
     probabilities, latencies = [], []
     for png in pngs:
         started = time.perf_counter()
-        probabilities.append(service.predict_request(predictor, png, "image/png").probabilities)
+        pixels = prepare_upload(png).reshape(1, 1, MNIST_SIDE, MNIST_SIDE)
+        probabilities.append(predictor.predict_proba(pixels)[0])
         latencies.append(time.perf_counter() - started)
-    return np.array(probabilities, dtype=np.float64).reshape(-1, 10), latencies
-
-
-def verify_published(store: Store, root: str, bundle: bundles.Bundle) -> None:
-    """Read a published `bundle` back the way the server will (pointer, files, checksum)."""
-    if bundles.current_version(store, root) != bundle.version:
-        raise ServingCheckError(f"published version {bundle.version}, but {root}/{bundles.POINTER} names another")
-    bundles.load(store, root, bundle.version)  # raises BundleError on a missing file or a bad checksum
+    return np.array(probabilities, dtype=np.float64).reshape(len(pngs), -1), latencies
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 **Inbox format** (store prefix `inbox/`, any depth below it):
 - `*.png`, `*.jpg`, `*.jpeg`: one image each, any size, preprocessed by the MNIST recipe
-  (`serving/preprocess.py`); its input id is its key.
+  (`scoring/preprocess.py`); its input id is its key.
 - `*.npz`: a batch, array `images` uint8 (N, 28, 28) in MNIST format (white digit on black, like the
   landing area's labelled batches); the input id of image i is `<key>#<i>`. Other arrays are ignored.
 Anything else, or a file that does not read, is rejected with its reason; a blank image inside an
@@ -41,12 +41,12 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from mnist_dagster.layout import INBOX_PREFIX, PREDICTIONS_PREFIX
-from mnist_dagster.serving.bundle import Predictor
-from mnist_dagster.serving.preprocess import MNIST_SIDE, InputError, decode_image, mnist_format, mnist_format_many
+from mnist_dagster.layout import INBOX_LEDGER_KEY, INBOX_PREFIX, REJECTED_PREFIX, SCORED_PREFIX
+from mnist_dagster.scoring.bundle import Predictor
+from mnist_dagster.scoring.preprocess import MNIST_SIDE, InputError, mnist_format_many, prepare_upload
 from mnist_dagster.storage import Store, StoredObject
 
-LEDGER_KEY = f"{PREDICTIONS_PREFIX}/ledger.json"
+LEDGER_KEY = INBOX_LEDGER_KEY
 LEDGER_FORMAT = "mnist-dagster/inbox-ledger-v1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_SUFFIX = ".npz"
@@ -170,10 +170,10 @@ def score_inputs(
     result = BatchResult(predictions, rejected_frame, pixels, 0, len(new_inputs), 0.0)
     partition = f"date={now.strftime('%Y-%m-%d')}/{part or run_id}.parquet"
     if len(predictions):
-        result.predictions_key = f"{PREDICTIONS_PREFIX}/scored/{partition}"
+        result.predictions_key = f"{SCORED_PREFIX}/{partition}"
         store.write_bytes(result.predictions_key, predictions.to_parquet(index=False))
     if len(rejected_frame):
-        result.rejected_key = f"{PREDICTIONS_PREFIX}/rejected/{partition}"
+        result.rejected_key = f"{REJECTED_PREFIX}/{partition}"
         store.write_bytes(result.rejected_key, rejected_frame.to_parquet(index=False))
     result.seconds = time.perf_counter() - started
     return result
@@ -262,7 +262,7 @@ def read_input(item: NewInput) -> tuple[np.ndarray, list[str], dict[int, str]]:
     """An inbox file -> float32 (N, 1, 28, 28), an input id per image, {index: reason} for images refused."""
     name = item.key.lower()
     if name.endswith(IMAGE_SUFFIXES):
-        return mnist_format(decode_image(item.data)).reshape(1, 1, MNIST_SIDE, MNIST_SIDE), [item.key], {}
+        return prepare_upload(item.data).reshape(1, 1, MNIST_SIDE, MNIST_SIDE), [item.key], {}
     if name.endswith(BATCH_SUFFIX):
         pixels, refused = mnist_format_many(read_npz_images(item.data))
         return pixels, [f"{item.key}#{index}" for index in range(len(pixels))], refused

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Literal
 
-from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX, PRODUCTION_ROOT
-from mnist_dagster.serving import bundle as bundles
-from mnist_dagster.serving import deploy
+from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
+from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.serving.feedback import latest_labels
 from mnist_dagster.serving.jsonl import read_json_lines
 from mnist_dagster.storage import Store
@@ -44,17 +43,18 @@ class Trial:
     production_version: str
     challenger_version: str
     started: date | None  # the UTC day the challenger was deployed: no line of this trial is older
+    trial_id: str | None = None
+    started_at: datetime | None = None  # when the deployment record put the challenger on trial
 
 
 def current_trial(store: Store) -> Trial | None:
-    """The trial running now, or None when production serves alone (routing `replace`)."""
-    challenger = deploy.current_challenger(store)
-    production = bundles.current_version(store, PRODUCTION_ROOT)
-    if challenger is None or production is None:
+    """The trial running now (from the deployment record), or None when production serves alone."""
+    record = read_record(store)
+    if record.challenger is None or record.production is None:
         return None
-    created = challenger.manifest.get("created_at")
-    started = datetime.fromisoformat(created).astimezone(timezone.utc).date() if created else None
-    return Trial(deploy.read_routing(store).strategy, production, challenger.version, started)
+    started_at = datetime.fromisoformat(record.trial_started_at) if record.trial_started_at else None
+    started = started_at.astimezone(timezone.utc).date() if started_at else None
+    return Trial(str(record.strategy), record.production, record.challenger, started, record.trial_id, started_at)
 
 
 def read_trial_logs(store: Store, trial: Trial, today: date | None = None) -> tuple[list[dict], list[dict]]:
