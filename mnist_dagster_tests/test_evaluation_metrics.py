@@ -1,5 +1,6 @@
-"""The metrics beyond accuracy (`ml/evaluate.py`): calibration on logits with a known answer, robustness
-tables reproducible for a seed, perturbations that do what their names say, confused pairs, the registry."""
+"""The metrics beyond accuracy (`ml/evaluate.py`): calibration on logits with a known answer (before and
+after the temperature, and against torchmetrics), robustness tables reproducible for a seed and read from
+one batched pass, perturbations that do what their names say, confused pairs, the registry."""
 
 import math
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mnist_dagster.ml import evaluate
+from mnist_dagster.ml import evaluate, robustness
 from mnist_dagster.ml.config import TrainingConfig
-from mnist_dagster.ml.train import fit
+from mnist_dagster.ml.train import fit, predict_logits
 from mnist_dagster_tests.support import FAST_TRAINING, generated_split
 
 
@@ -137,3 +138,130 @@ def test_a_metric_is_one_registered_function(trained_scored):
         assert 0.1 <= result.scalars["mean_confidence"] <= 1.0
     finally:
         del evaluate.METRICS["mean_confidence"]
+
+
+def bar_digits(count: int = 6) -> torch.Tensor:
+    """Thick-ish bars in [0, 1] pixels, off the centre lines, so every perturbation has something to move."""
+    pixels = torch.zeros(count, 1, 28, 28)
+    pixels[:, 0, 8:20, 11:15] = 1.0
+    return pixels
+
+
+def ink_centre(image: torch.Tensor) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    return torch.stack([(image * rows).sum(), (image * cols).sum()]) / image.sum()
+
+
+def test_the_robustness_perturbations_of_uploads_and_other_pens_do_what_their_names_say(monkeypatch):
+    monkeypatch.delattr(robustness.augment, "PERTURBATIONS", raising=False)  # this module's own set
+    pixels = bar_digits()
+    perturbed = robustness.all_perturbations(pixels, seed=0)
+    assert list(perturbed)[:4] == ["gaussian_noise_sigma_0.3", "rotation_minus_15deg", "rotation_plus_15deg", "shift_3px"]
+    assert list(perturbed)[4:] == list(robustness.OWN_PERTURBATIONS)
+    for name, images in perturbed.items():
+        assert images.shape == pixels.shape and 0 <= images.min() and images.max() <= 1, name
+        assert not torch.allclose(images, pixels, atol=0.05), f"{name} left the digits as they were"
+    ink = pixels.sum().item()
+    assert perturbed["stroke_dilate_3x3"].sum().item() > 1.4 * ink  # a 4-px bar becomes 6 px wide and 14 tall
+    assert perturbed["stroke_erode_2x2"].sum().item() < 0.8 * ink
+    assert perturbed["blur_sigma_1"].sum().item() == pytest.approx(ink, rel=0.01)  # spread, not removed
+    assert perturbed["blur_sigma_1"].max().item() < 1.0
+    assert perturbed["low_resolution_12px"].sum().item() == pytest.approx(ink, rel=0.1)
+    for image in perturbed["off_centre_4px"]:  # 4 px along both axes, toward a corner
+        assert (ink_centre(image[0]) - ink_centre(pixels[0, 0])).abs().tolist() == pytest.approx([4.0, 4.0], abs=1e-3)
+    assert perturbed["rotation_within_15deg"].sum().item() == pytest.approx(ink, rel=0.1)
+    # Elastic stretches some strokes and squeezes others: the ink moves, most of it stays.
+    assert perturbed["elastic_alpha_34_sigma_4"].sum().item() == pytest.approx(ink, rel=0.25)
+    # Seeded: the same seed draws the same images, another seed other ones.
+    again, other = robustness.all_perturbations(pixels, seed=0), robustness.all_perturbations(pixels, seed=1)
+    for name in ("off_centre_4px", "rotation_within_15deg", "elastic_alpha_34_sigma_4"):
+        assert torch.equal(again[name], perturbed[name]) and not torch.equal(other[name], perturbed[name]), name
+
+
+def test_training_registry_of_perturbations_is_used_when_ml_augment_has_one(monkeypatch):
+    calls = []
+
+    def thicker(images: torch.Tensor, generator: torch.Generator, background: float) -> torch.Tensor:
+        calls.append((generator.initial_seed(), background))
+        return (images + 0.5).clamp(0, 1)
+
+    monkeypatch.setattr(robustness.augment, "PERTURBATIONS", {"thicker_pen": thicker}, raising=False)
+    perturbed = robustness.all_perturbations(bar_digits(2), seed=7)
+    assert list(perturbed)[4:] == ["thicker_pen"] and calls == [(7, 0.0)]
+
+
+def test_one_batched_pass_gives_the_answers_of_scoring_each_condition_alone(trained_scored):
+    model, images, labels = trained_scored.model, trained_scored.images, trained_scored.labels
+    result, scored = evaluate.score_in_one_pass(model, images, labels, trained_scored.mean, trained_scored.std, seed=0)
+    assert torch.equal(result.predictions, evaluate.evaluate(model, images, labels).predictions)
+    alone = evaluate.all_perturbations(scored.pixels(), seed=0)
+    assert list(scored.perturbed_predictions) == list(alone)
+    for name, pixels in alone.items():
+        expected = predict_logits(model, (pixels - scored.mean) / scored.std).argmax(1)
+        assert torch.equal(scored.perturbed_predictions[name], expected), name
+    # The robustness table reads those answers: the same table as a Scored that scores each itself.
+    assert evaluate.robustness(scored).table == evaluate.robustness(trained_scored).table
+
+
+def test_calibration_reports_the_error_before_and_after_the_temperature():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=generator)
+    logits = torch.randn(2000, 10, generator=generator) * 3
+    logits[torch.arange(2000), labels] += 4.0  # right most of the time, and over-confident at temperature 1
+    temperature = 2.5
+    expected_before = evaluate.expected_calibration_error(evaluate.calibration_bins(*_confidence_and_correct(logits, labels)))
+    expected_after = evaluate.expected_calibration_error(
+        evaluate.calibration_bins(*_confidence_and_correct(logits / temperature, labels))
+    )
+    images = torch.zeros(len(labels), 1, 28, 28)
+    probabilities = (logits / temperature).softmax(1)
+    for kept_logits in (logits, None):  # from the logits, or recovered from the calibrated probabilities
+        scored = evaluate.Scored(FixedProbabilities(), images, labels, probabilities, 0.13, 0.31,
+                                 temperature=temperature, logits=kept_logits)  # fmt: skip
+        result = evaluate.calibration(scored)
+        assert result.scalars["expected_calibration_error"] == pytest.approx(expected_after, abs=1e-6)
+        assert result.scalars["expected_calibration_error_uncalibrated"] == pytest.approx(expected_before, abs=1e-5)
+        assert result.scalars["calibration_temperature"] == temperature
+        assert result.png.startswith(b"\x89PNG") and "temperature 2.5" in result.summary
+    assert expected_before != pytest.approx(expected_after, abs=1e-3)
+
+
+def test_calibration_error_agrees_with_torchmetrics():
+    """A maintained implementation (torchmetrics' multiclass L1 calibration error, 15 equal-width bins)
+    as the reference for ours, on answers with every kind of bin: empty, sparse and full."""
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 10, (5000,), generator=generator)
+    logits = torch.randn(5000, 10, generator=generator) * 2
+    logits[torch.arange(5000), labels] += 2.0
+    probabilities = logits.softmax(1)
+    ours = evaluate.calibration(scored_from(logits, labels)).scalars["expected_calibration_error"]
+    theirs = MulticlassCalibrationError(num_classes=10, n_bins=15, norm="l1")(probabilities, labels).item()
+    assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+def _confidence_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    confidence, predicted = logits.softmax(1).max(1)
+    return confidence, predicted == labels
+
+
+def test_the_pass_through_the_served_onnx_graph_agrees_with_the_model(trained_scored):
+    """`model_evaluation` scores through ONNX Runtime (the graph as it serves); the PyTorch model it was
+    exported from gives the same answers on the test set and every perturbation."""
+    import onnxruntime
+
+    from mnist_dagster.ml.model import export_onnx, make_checkpoint
+
+    model = trained_scored.model
+    checkpoint = make_checkpoint(model, "cnn", {key: FAST_TRAINING[key] for key in ("channels", "hidden")} | {"dropout": 0.1},
+                                 trained_scored.mean, trained_scored.std)  # fmt: skip
+    session = onnxruntime.InferenceSession(export_onnx(checkpoint), providers=["CPUExecutionProvider"])
+    args = (model, trained_scored.images, trained_scored.labels, trained_scored.mean, trained_scored.std)
+    served_result, served = evaluate.score_in_one_pass(*args, served=lambda x: session.run(None, {"pixels": x})[0])
+    torch_result, in_torch = evaluate.score_in_one_pass(*args)
+    assert served.logits is None and in_torch.logits is not None
+    assert torch.allclose(served_result.probabilities, torch_result.probabilities, atol=1e-4)
+    assert list(served.perturbed_predictions) == list(in_torch.perturbed_predictions)
+    for name, predictions in served.perturbed_predictions.items():
+        assert (predictions != in_torch.perturbed_predictions[name]).sum() <= 1, name  # a near-tie may flip one

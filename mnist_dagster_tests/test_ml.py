@@ -85,6 +85,10 @@ def test_default_sources_are_torchvisions_public_mirrors():
     assert data.DEFAULT_MIRRORS[0].startswith("https://") and all("://" in m for m in data.DEFAULT_MIRRORS)
     assert data.parse_sources(" /a , http://b/ ") == ["/a", "http://b/"]
     assert data.MNIST_FILES["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    # copied so that reading MNIST does not import torchvision: still torchvision's own lists
+    from torchvision.datasets import MNIST
+
+    assert data.DEFAULT_MIRRORS == tuple(MNIST.mirrors) and data.MNIST_FILES == dict(MNIST.resources)
 
 
 def test_stratified_split_is_seeded_and_keeps_class_proportions():

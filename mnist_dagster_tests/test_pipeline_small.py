@@ -10,6 +10,7 @@ import pytest
 from mnist_dagster.layout import DEPLOYMENT_KEY, drift_reference_key
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.ml.drift import DriftReference
+from mnist_dagster.ml.robustness import perturbation_registry
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, PIPELINE_ASSETS, pipeline_assets_and_checks
 
@@ -39,7 +40,10 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     assert 0.0 <= evaluation["expected_calibration_error"].value < 1.0
     assert "data:image/png;base64," in evaluation["calibration_plot"].value
     conditions = [record.data["condition"] for record in evaluation["robustness"].value.records]
-    assert conditions == ["clean", "gaussian_noise_sigma_0.3", "rotation_minus_15deg", "rotation_plus_15deg", "shift_3px"]
+    assert conditions[:5] == ["clean", "gaussian_noise_sigma_0.3", "rotation_minus_15deg", "rotation_plus_15deg", "shift_3px"]
+    assert conditions[5:] == list(perturbation_registry())  # stroke thickness, blur, low resolution, ... (issue 22)
+    assert all(f"robust_accuracy_{name}" in evaluation for name in conditions[1:])
+    assert evaluation["expected_calibration_error_uncalibrated"].value >= 0.0
     assert "seed 0" in evaluation["robustness_method"].value
     confused = evaluation["confused_pairs"].value  # empty when the model makes no mistake on generated digits
     assert [column.name for column in confused.schema.columns] == ["true", "predicted", "count", "share_of_errors"]

@@ -107,7 +107,14 @@ def model_evaluation(
     device = compute.resolve_device()
     model, _ = load_checkpoint(digit_classifier, device)
     images, labels = processed_mnist_data["test_images"], processed_mnist_data["test_labels"]
-    result = evaluate.evaluate(model, images, labels, device)
+    # One batched pass over the test set and all its perturbations, through the ONNX graph as it will
+    # serve (with its temperature); every metric below, and the comparison with production, reads from it.
+    candidate = bundle.Predictor(bundle.make_bundle("candidate", digit_classifier["onnx"]))
+    result, scored = evaluate.score_in_one_pass(
+        model, images, labels, processed_mnist_data["mean"], processed_mnist_data["std"], device, config.seed,
+        temperature=float(digit_classifier.get("temperature", 1.0)),  # absent: an uncalibrated checkpoint
+        served=candidate.predict_proba,
+    )  # fmt: skip
     confusion_png = plots.confusion_matrix_png(result.confusion)
     worst = result.misclassified(labels)[:24]
     mistakes_png = plots.digit_grid_png(
@@ -117,21 +124,18 @@ def model_evaluation(
         {"digit": digit, "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
-    scored = evaluate.Scored(
-        model, images, labels, result.probabilities, processed_mnist_data["mean"], processed_mnist_data["std"], device, config.seed
-    )
     metrics = evaluate.run_metrics(scored, config.metrics)
     reference = _drift_reference(processed_mnist_data, result.confidences)
-    comparison = _compare_with_production(storage, digit_classifier["onnx"], processed_mnist_data)
+    comparison = _compare_with_production(storage, result.predictions.numpy(), processed_mnist_data)
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
         mlflow_lib.set_tag(REOPENED_BY_TAG, context.run_id)
         mlflow_lib.log_metrics(
-            {"test_accuracy": result.accuracy, **{f"test_f1_digit_{row['digit']}": row["f1"] for row in per_class}}
-        )
-        mlflow.log_png(confusion_png, "confusion_matrix.png")
-        mlflow.log_png(mistakes_png, "misclassified.png")
-        _log_metrics_to_mlflow(mlflow, metrics)
+            {"test_accuracy": result.accuracy, **{f"test_f1_digit_{row['digit']}": row["f1"] for row in per_class},
+             **{key: value for m in metrics.values() for key, value in m.scalars.items()}}
+        )  # fmt: skip
+        mlflow.log_files(run_id, {"confusion_matrix.png": confusion_png, "misclassified.png": mistakes_png,
+                                  **_metric_artifacts(metrics)})  # fmt: skip
     context.log.info(f"test accuracy {result.accuracy:.4f} on {len(labels)} images")
     return dg.Output(
         {
@@ -172,16 +176,17 @@ def _serving_check_images(processed: dict, count: int = 1000) -> dict:
     return {"check_images": pixels.mul(255).round().byte(), "check_labels": processed["test_labels"][:count].clone()}
 
 
-def _log_metrics_to_mlflow(mlflow: MlflowTracking, metrics: dict) -> None:
-    """Each metric's numbers as MLflow metrics, its table as `<name>.json` and its figure as `<name>.png`."""
-    import mlflow as mlflow_lib
+def _metric_artifacts(metrics: dict) -> dict[str, bytes]:
+    """Each metric's table as `<name>.json` and its figure as `<name>.png`, for one upload with the others."""
+    import json
 
+    files: dict[str, bytes] = {}
     for name, result in metrics.items():
-        mlflow_lib.log_metrics(result.scalars)
         if result.table or result.columns:
-            mlflow_lib.log_dict({"summary": result.summary, "rows": result.table}, f"{name}.json")
+            files[f"{name}.json"] = json.dumps({"summary": result.summary, "rows": result.table}, indent=2).encode()
         if result.png:
-            mlflow.log_png(result.png, f"{name}.png")
+            files[f"{name}.png"] = result.png
+    return files
 
 
 def _metrics_metadata(metrics: dict) -> dict:
@@ -198,17 +203,18 @@ def _metrics_metadata(metrics: dict) -> dict:
     return metadata
 
 
-def _compare_with_production(storage: StorageResource, candidate_onnx: bytes, processed: dict) -> dict | None:
-    """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts."""
+def _compare_with_production(storage: StorageResource, candidate_predictions, processed: dict) -> dict | None:
+    """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts.
+    The candidate's answers come from evaluation's one pass through its ONNX graph; production's are
+    scored here."""
     from mnist_dagster.ml.compare import MCNEMAR_ONE_SIDED, mcnemar_exact
 
     production = deploy.production_bundle(storage.open())
     if production is None:
         return None
-    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).numpy()
+    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()  # as the candidate saw them
     labels = processed["test_labels"].numpy()
-    candidate = bundle.Predictor(bundle.make_bundle("candidate", candidate_onnx)).predict_proba(pixels).argmax(1)
-    result = mcnemar_exact(labels, candidate, bundle.Predictor(production).predict_proba(pixels).argmax(1))
+    result = mcnemar_exact(labels, candidate_predictions, bundle.Predictor(production).predict_proba(pixels).argmax(1))
     return {
         "production_version": production.version,
         "production_test_accuracy": result.production_accuracy,

@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,7 @@ def train_and_record(
     """Train `settings` on the processed split in a new MLflow run (`tags` may name a parent run)."""
     import mlflow as mlflow_lib
 
-    from mnist_dagster.ml import data, plots, train
-    from mnist_dagster.ml.model import checkpoint_to_bytes, export_onnx
+    from mnist_dagster.ml import data, train
 
     split = data.NormalisedSplit.from_dict(processed)
     device = compute.resolve_device()
@@ -81,14 +81,34 @@ def train_and_record(
                 log_metrics(stats)
         else:
             trained = train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
-        onnx = export_onnx(trained.checkpoint)
-        curve = plots.training_curve_png([h.train_loss for h in trained.history], [h.val_accuracy for h in trained.history])
         mlflow_lib.log_params({"parameters": trained.parameters})
         mlflow_lib.log_metric("training_seconds", trained.seconds)
-        mlflow.log_png(curve, "training_curve.png")
-        mlflow_lib.log_dict({"architecture": trained.checkpoint["architecture"], **trained.checkpoint["config"]}, "architecture.json")
-        model_uri = mlflow.log_model(onnx, checkpoint_to_bytes(trained.checkpoint), input_example(split))
+        onnx, curve, model_uri = _export_and_log(mlflow, run.info.run_id, trained, split)
     return TrainingRecord(trained, onnx, curve, run.info.run_id, model_uri)
+
+
+def _export_and_log(mlflow: MlflowTracking, run_id: str, trained: Any, split: Any) -> tuple[bytes, bytes, str]:
+    """The ONNX graph exported and logged as the run's model while, in a background thread, the curve,
+    the architecture and the checkpoint are uploaded in one go; (onnx, curve png, model URI).
+
+    Leaving the `with` joins the thread, and `result()` re-raises a failed upload in the step: the step
+    never ends (or reports success) before every artifact is stored."""
+    from mnist_dagster.ml import plots
+    from mnist_dagster.ml.model import checkpoint_to_bytes, export_onnx
+
+    curve = plots.training_curve_png([h.train_loss for h in trained.history], [h.val_accuracy for h in trained.history])
+    architecture = {"architecture": trained.checkpoint["architecture"], **trained.checkpoint["config"]}
+    files = {
+        "training_curve.png": curve,
+        "architecture.json": json.dumps(architecture, indent=2).encode(),
+        "checkpoint.pt": checkpoint_to_bytes(trained.checkpoint),
+    }
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-artifacts") as background:
+        uploaded = background.submit(mlflow.log_files, run_id, files)
+        onnx = export_onnx(trained.checkpoint)
+        model_uri = mlflow.log_onnx_model(onnx, input_example(split))
+        uploaded.result()
+    return onnx, curve, model_uri
 
 
 def fit_with_torchrun(split: Any, settings: Any, device: str, mixed_precision: bool) -> Any:

@@ -9,8 +9,10 @@ go: with `mlflow server --artifacts-destination s3://...` (proxied artifacts, th
 upload through the server and need no artifact-store credentials of their own.
 """
 
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -111,20 +113,32 @@ class MlflowTracking(dg.ConfigurableResource):
         mlflow.log_input(dataset, context="training")
 
     def log_png(self, png: bytes, name: str) -> None:
-        """A PNG (training curve, confusion matrix) as an image artifact of the active run."""
-        import io
-
-        from PIL import Image
-
+        """A PNG (training curve, confusion matrix) as an image artifact of the active run, as rendered."""
         mlflow, _ = self._client()
-        mlflow.log_image(Image.open(io.BytesIO(png)), name)
+        self.log_files(mlflow.active_run().info.run_id, {name: png})
+
+    def log_files(self, run_id: str, files: Mapping[str, bytes]) -> None:
+        """Several artifacts of `run_id` in one upload: written to one folder, then one `log_artifacts`.
+
+        Takes the run's id rather than the active run, so it may run in a background thread (MLflow's
+        active run is per thread)."""
+        _, client = self._client()
+        with tempfile.TemporaryDirectory(prefix="mlflow-artifacts-") as folder:
+            for name, payload in files.items():
+                (Path(folder) / name).write_bytes(payload)
+            client.log_artifacts(run_id, folder)
 
     def log_model(self, onnx: bytes, checkpoint: bytes, input_example: Any) -> str:
         """The deployable model on the active run: ONNX (pickle-free) with its input contract, signature
         and an input example of real pixels, plus the raw checkpoint; returns the model's URI."""
-        import tempfile
-        from pathlib import Path
+        model_uri = self.log_onnx_model(onnx, input_example)
+        mlflow, _ = self._client()
+        self.log_files(mlflow.active_run().info.run_id, {"checkpoint.pt": checkpoint})
+        return model_uri
 
+    def log_onnx_model(self, onnx: bytes, input_example: Any) -> str:
+        """The ONNX model on the active run with its input contract, signature (from ONNX Runtime's own
+        answer on `input_example`) and the example itself; returns the model's URI."""
         import onnx as onnx_lib
         import onnxruntime
         from mlflow.models import infer_signature
@@ -142,10 +156,6 @@ class MlflowTracking(dg.ConfigurableResource):
             metadata={"input": INPUT_CONTRACT},
             pip_requirements=["onnxruntime", "onnx", "numpy"],
         )
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "checkpoint.pt"
-            path.write_bytes(checkpoint)
-            mlflow.log_artifact(str(path))
         return info.model_uri
 
     def register_version(self, model_uri: str, run_id: str) -> str:
