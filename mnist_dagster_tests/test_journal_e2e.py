@@ -16,7 +16,8 @@ import pytest
 
 from mnist_dagster.lifecycle import deploy
 from mnist_dagster.lifecycle.ab_report import Trial, read_trial_logs
-from mnist_dagster.serving.feedback import land_feedback, latest_labels, read_feedback
+from mnist_dagster.lifecycle.landing import GuardRules, land_feedback
+from mnist_dagster.serving.feedback import latest_labels, read_feedback
 from mnist_dagster.serving.ids import IdSigner, serving_secret
 from mnist_dagster.serving.prediction_log import read_prediction_log
 from mnist_dagster.storage import LocalStore, S3Store, Store
@@ -223,11 +224,12 @@ def test_two_replicas_on_one_store_take_each_others_feedback_and_the_readers_see
     assert latest_labels(lines) == labels
     writers = {item.key.rsplit("-", 3)[1] for item in store.list("prediction_log")}  # ...-<pid>-<start>-<seq>
     assert writers == {str(first.process.pid), str(second.process.pid)}  # per-process object names
-    trial = Trial("ab_test", "1", "2", None)
+    trial = Trial("ab_test", "1", "2", "replicas", None)
     predictions, feedback = read_trial_logs(store, trial)  # what the A/B report reads
     assert {line["prediction_id"] for line in predictions} == set(from_first) | set(from_second)
     assert len(feedback) == 41
-    landed = land_feedback(store, min_feedback=1)  # feedback -> landing joins labels with both replicas' images
+    # feedback -> landing joins labels with both replicas' images; one client here (no other to compare it with)
+    landed = land_feedback(store, min_feedback=1, rules=GuardRules(min_peer_labels=0))
     assert (landed.landed, landed.unmatched) == (40, 0)
 
 
