@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
-from mnist_dagster.lifecycle.record import DeploymentError, DeploymentRecord, change_record, read_record
+from mnist_dagster.lifecycle.record import DeploymentError, DeploymentRecord, Strategy, change_record, read_record
 from mnist_dagster.lifecycle.sequential import (
     ArmCounts,
     ArmServing,
@@ -50,7 +50,7 @@ SECONDS_PER_DAY = 86_400.0
 class Trial:
     """The challenger on trial beside production: how traffic is split, which trial, and since when."""
 
-    strategy: str  # "ab_test" | "shadow"
+    strategy: str  # a `Strategy` value: ab_test or shadow
     production_version: str
     challenger_version: str
     trial_id: str
@@ -232,7 +232,7 @@ def build_report(
     days = trial.days(now or datetime.now(timezone.utc))
     served = serving_of(lines)
     answered = [item for item in joined if item.arm == "production"]
-    if trial.strategy == "shadow":
+    if trial.strategy == Strategy.shadow:
         paired = [item for item in answered if item.shadow_digit is not None]
         production = per_client(paired, [item.digit == item.label for item in paired])
         challenger = per_client(paired, [item.shadow_digit == item.label for item in paired])
@@ -289,7 +289,7 @@ def summary(report: Report, plan: Plan) -> dict:
         "prediction_lines": report.predictions, "feedback_lines": report.feedback,
         "arms": [production.row(), challenger.row()], "guardrails": guardrail_rows(decision),
     }  # fmt: skip
-    if trial.strategy == "shadow":
+    if trial.strategy == Strategy.shadow:
         metadata["agreement_rate"] = _figure(report.agreement)
         metadata["shadowed_requests"] = report.shadowed
         metadata["labelled_without_shadow"] = report.unpaired

@@ -14,6 +14,7 @@ from mnist_dagster.lifecycle.record import (
     DeploymentRecord,
     HistoryEntry,
     Routing,
+    Strategy,
     change_record,
     read_record,
 )
@@ -47,7 +48,7 @@ def make_production(store: Store, bundle: bundles.Bundle, why: str) -> str | Non
 
 def start_trial(store: Store, bundle: bundles.Bundle, routing: Routing) -> DeploymentRecord:
     """`bundle` goes on trial beside production under `routing` (ab_test or shadow); a new trial id and start."""
-    if routing.strategy == "replace":
+    if routing.strategy == Strategy.replace:
         raise DeploymentError("a challenger needs strategy ab_test or shadow; replace deploys to production")
     bundles.store_bundle(store, bundle)
     _, after = change_record(store, lambda record: record.with_challenger(bundle.version, routing))

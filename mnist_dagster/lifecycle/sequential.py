@@ -58,6 +58,8 @@ from typing import Literal
 import numpy as np
 from scipy import special, stats
 
+from mnist_dagster.lifecycle.record import Strategy
+
 Verdict = Literal["promote", "keep", "need_more_data"]
 
 AB_TEST = (
@@ -378,7 +380,7 @@ def _percent(arm: ArmCounts) -> str:
 
 def rule_text(strategy: str, plan: Plan) -> str:
     """The rule in words, for the report's metadata and Slack."""
-    test = SHADOW if strategy == "shadow" else AB_TEST
+    test = SHADOW if strategy == Strategy.shadow else AB_TEST
     return (
         f"{test}. Information t = labelled requests / {plan.max_labelled}; promote when z >= "
         f"{plan.constant:.3f} / sqrt(t) (one-sided alpha {plan.alpha} however often the report runs); keep when "

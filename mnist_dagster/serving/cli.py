@@ -22,13 +22,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mnist_dagster.serving.journal import FSYNC_MODES
-from mnist_dagster.storage import default_data_dir
+import uvicorn
 
-if TYPE_CHECKING:
-    from mnist_dagster.serving.guards import FeedbackGuards
+from mnist_dagster.serving.app import create_app
+from mnist_dagster.serving.feedback import FeedbackLog
+from mnist_dagster.serving.guards import FeedbackGuards, GuardSettings
+from mnist_dagster.serving.ids import IdSigner, serving_secret
+from mnist_dagster.serving.journal import FSYNC_MODES, Journal, JournalSettings
+from mnist_dagster.serving.prediction_log import PredictionLog
+from mnist_dagster.serving.shipper import Shipper
+from mnist_dagster.storage import default_data_dir, open_store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def feedback_guards(args: argparse.Namespace) -> FeedbackGuards:
     """The guards of POST /feedback from the environment (the token only from there) and the flags given."""
-    # Lazy, as in `serve`: `--help` and argument errors answer without loading FastAPI.
-    from mnist_dagster.serving.guards import FeedbackGuards, GuardSettings
-
     settings = GuardSettings.from_env(
         rate_per_minute=args.feedback_rate_per_minute,
         burst=args.feedback_burst,
@@ -96,16 +97,6 @@ def feedback_guards(args: argparse.Namespace) -> FeedbackGuards:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from mnist_dagster.serving.app import create_app
-    from mnist_dagster.serving.feedback import FeedbackLog
-    from mnist_dagster.serving.ids import IdSigner, serving_secret
-    from mnist_dagster.serving.journal import Journal, JournalSettings
-    from mnist_dagster.serving.prediction_log import PredictionLog
-    from mnist_dagster.serving.shipper import Shipper
-    from mnist_dagster.storage import open_store
-
     location = args.store or str(default_data_dir())  # the dev data folder, as the Dagster resources compute it
     store = open_store(location)
     signer = IdSigner(serving_secret(store), ttl_days=args.feedback_ttl_days)  # prod without a secret stops here
