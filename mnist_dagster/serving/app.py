@@ -137,7 +137,8 @@ class DigitService:
         return assignment
 
     def issue(
-        self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str
+        self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str,
+        input_path: str | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to `predictions`, each with a new `prediction_id` (remembered for `/feedback`) and its
         arm; their log records are handed to the log, or through the shadow scorer, which only enqueue."""
@@ -148,7 +149,8 @@ class DigitService:
             self.issued.add(prediction_id, assignment.label)
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
             records.append(
-                PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image)
+                PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image,
+                                 input=input_path)
             )
         if self.logs.predictions is not None:
             if assignment.shadow is not None and self.shadow is not None:
@@ -163,7 +165,8 @@ class DigitService:
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
-        return json.dumps(self.issue(assignment, pixels, predictions, "predict")[0]).encode()
+        input_path = "upload" if service.media_type(content_type) in service.IMAGE_TYPES else "json"
+        return json.dumps(self.issue(assignment, pixels, predictions, "predict", input_path)[0]).encode()
 
     @route("POST", "/predict", responses=openapi.answers(openapi.PredictionOut), openapi_extra=openapi.SINGLE_BODY)
     async def predict(self, request: Request) -> Response:
@@ -183,7 +186,8 @@ class DigitService:
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
-        answers = self.issue(assignment, pixels, predictions, "predict/batch")
+        input_path = "upload" if b'"image_base64"' in body else "json"  # a mixed batch counts as uploads
+        answers = self.issue(assignment, pixels, predictions, "predict/batch", input_path)
         return Response(json.dumps({"predictions": answers}), media_type=JSON)
 
     @route(

@@ -8,6 +8,7 @@ One line per prediction, keys in this order:
     {"time": ISO-8601 UTC, "prediction_id": 32 hex, "arm": "production" | "challenger",
      "model_version": str, "digit": 0-9, "confidence": float, "endpoint": "predict" | "predict/batch",
      "image": base64 of 784 bytes,
+     "input": "json" | "upload"                              <- the input path, when the server knows it
      "shadow_digit": 0-9, "shadow_version": str}            <- in shadow mode only, when the challenger scored it
 
 `image` is what the model actually saw: the preprocessed 28x28 image (white digit on black, MNIST
@@ -50,6 +51,7 @@ class PredictionRecord:
     pixels: np.ndarray  # float32 (28, 28) in [0, 1]: the model's input; encoded by the writer thread
     shadow_digit: int | None = None
     shadow_version: str | None = None
+    input: str | None = None  # "json" pixels or an image "upload": drift judges each path on its own
 
     def line(self, image: str | None = None) -> dict[str, Any]:
         """The line's fields but `time`; `image` when the writer already encoded it with a whole batch."""
@@ -62,6 +64,8 @@ class PredictionRecord:
             "endpoint": self.endpoint,
             "image": image if image is not None else encode_images(self.pixels[None])[0],
         }
+        if self.input is not None:
+            line["input"] = self.input
         if self.shadow_version is not None:
             line["shadow_digit"], line["shadow_version"] = self.shadow_digit, self.shadow_version
         return line
