@@ -9,8 +9,8 @@ main yet, so a temperature is fitted here on the validation split (NLL, bounded 
 log-probabilities) and applied to every probability, as the endpoint will once it is in the graph.
 
 The reference is built exactly as `model_evaluation` builds it (`lifecycle.reference.build_serving_reference`:
-test images 8,000-9,999 as pixels and the last 1,000 of them as PNG uploads). Judged windows are 1,000
-digits drawn from test images 0-7,999 only (never in the reference; windows may share digits with each
+every fifth test image as pixels, every tenth as PNG uploads). Judged windows are 1,000 digits drawn from
+the other 8,000 test images only (`judged_indices`: never in the reference; windows may share digits with each
 other, rendered afresh each time), on each input path:
 - json: the 28x28 pixels; upload: PNG uploads 28-400 px, either polarity, through `prepare_upload`;
 - batch: the inbox's .npz pixels, whose table keeps digit and confidence only (no image statistics).
@@ -36,12 +36,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scipy.optimize import minimize_scalar  # noqa: E402
-from scipy.special import log_softmax, softmax  # noqa: E402
-
-from mnist_dagster.lifecycle.reference import REFERENCE_COUNT, build_serving_reference  # noqa: E402
+from mnist_dagster.lifecycle.reference import build_serving_reference, judged_indices  # noqa: E402
 from mnist_dagster.ml import drift  # noqa: E402
-from mnist_dagster.ml.cbpe import realised_accuracy  # noqa: E402
+from mnist_dagster.ml.cbpe import at_temperature, fit_temperature, realised_accuracy  # noqa: E402
 from mnist_dagster.scoring import preprocess  # noqa: E402
 from mnist_dagster.scoring.bundle import Predictor, make_bundle  # noqa: E402
 from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, typical_styles  # noqa: E402
@@ -57,18 +54,7 @@ class Calibrated:
         self.predictor, self.temperature = predictor, temperature
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
-        log_p = np.log(np.clip(self.predictor.predict_proba(pixels).astype(np.float64), 1e-12, 1))
-        return softmax(log_p / self.temperature, axis=1)
-
-
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the validation negative log-likelihood."""
-    log_p = np.log(np.clip(probabilities.astype(np.float64), 1e-12, 1))
-
-    def nll(t: float) -> float:
-        return float(-log_softmax(log_p / t, axis=1)[np.arange(len(labels)), labels].mean())
-
-    return float(minimize_scalar(nll, bounds=(0.05, 10), method="bounded").x)
+        return at_temperature(self.predictor.predict_proba(pixels), self.temperature)
 
 
 def load_mnist(mnist_dir: Path) -> dict:
@@ -149,7 +135,7 @@ def main() -> None:
     model = Calibrated(served, temperature)
     test, test_labels = raw["test_images"], raw["test_labels"].astype(np.int64)
     reference = build_serving_reference(model, test)
-    pool = np.arange(len(test) - REFERENCE_COUNT)  # judged windows never touch the reference's images
+    pool = judged_indices(len(test))  # judged windows never touch the reference's images
     print(f"temperature {temperature:.3f} (fitted on {len(val_labels)} validation images)")
     for kind, path_reference in reference.paths.items():
         print(f"reference {kind}: {path_reference.source}; estimated accuracy {path_reference.expected_accuracy:.2%}")

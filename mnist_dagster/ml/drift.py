@@ -259,9 +259,9 @@ def merge_bins(reference_counts: np.ndarray, current_counts: np.ndarray, min_exp
         if pending.sum() >= need:
             merged.append(pending)
             pending = np.zeros(2)
-    if pending.sum() and merged:
-        merged[-1] = merged[-1] + pending
-    return np.array(merged).T if merged else table[:, :0]
+    if pending.sum():
+        merged[-1:] = [merged[-1] + pending] if merged else [pending]
+    return np.array(merged).T
 
 
 def merged_chi_square(reference_counts: np.ndarray, current_counts: np.ndarray) -> tuple[float, int]:
