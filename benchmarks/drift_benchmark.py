@@ -36,12 +36,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mnist_dagster.lifecycle.reference import build_serving_reference, judged_indices  # noqa: E402
-from mnist_dagster.ml import drift  # noqa: E402
-from mnist_dagster.ml.cbpe import at_temperature, fit_temperature, realised_accuracy  # noqa: E402
-from mnist_dagster.scoring import preprocess  # noqa: E402
-from mnist_dagster.scoring.bundle import Predictor, make_bundle  # noqa: E402
-from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, typical_styles  # noqa: E402
+from mnist_dagster.lifecycle.reference import build_serving_reference, judged_indices
+from mnist_dagster.ml import drift
+from mnist_dagster.ml.cbpe import at_temperature, fit_temperature, realised_accuracy
+from mnist_dagster.scoring import preprocess
+from mnist_dagster.scoring.bundle import Predictor, make_bundle
+from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, typical_styles
 
 WINDOW = 1000
 PATHS = ("json", "upload", "batch")

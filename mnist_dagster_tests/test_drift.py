@@ -144,7 +144,7 @@ def test_cbpe_agrees_with_the_realised_accuracy_on_labelled_test_traffic(served)
 
 
 def test_each_path_is_quiet_against_its_own_reference_and_harm_alarms(served):
-    model, reference, images, labels = served
+    model, reference, images, _ = served
     pixels = images[:1000] / 255
     uploads = through_upload_recipe(as_uploads(images[1000:2000], typical_styles(1000, seed=99)))
     for path, window_images in (("json", pixels), ("upload", uploads)):

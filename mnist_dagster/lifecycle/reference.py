@@ -43,8 +43,8 @@ def build_serving_reference(predictor: Predictor, test_digits: np.ndarray) -> Dr
     paths = {}
     for kind, images, how in (
         ("pixels", pixels, f"{len(pixels)} test images (every {REFERENCE_EVERY}th from index 4) as 28x28 pixels"),
-        ("upload", uploads, f"{len(uploads)} test images (every {2 * REFERENCE_EVERY}th from index 4) as PNG "
-         "uploads 28-400 px, both polarities, through prepare_upload"),
+        ("upload", uploads, (f"{len(uploads)} test images (every {2 * REFERENCE_EVERY}th from index 4) as PNG "
+                             "uploads 28-400 px, both polarities, through prepare_upload")),
     ):
         probabilities = predictor.predict_proba(images.reshape(-1, 1, 28, 28))
         source = f"{how}, scored by the served ONNX graph"
