@@ -1,155 +1,155 @@
-"""The drift statistics (`ml/drift.py`) on constructed distributions, both ways; then, on real MNIST and a
-real model, the issue's required behaviour: the clean test set in ten chunks raises at most one alarm,
-and rotated, noisy, thickened or eroded digits each raise one."""
+"""The drift statistics (`ml/drift.py`) and the label-free accuracy (`ml/cbpe.py`): the pieces on constructed
+data, both ways; then on real MNIST and a real model (calibrated here by a temperature fitted on held-out
+training images), the issue's behaviour per input path.
+
+Where images come from, so that a reference and what is judged against it never share one:
+- generated digits: references from seed 11, judged windows from seeds 12 and up;
+- real MNIST: the reference is built by `lifecycle.reference` from every fifth test image (the pipeline's
+  own rule); judged windows are the other 8,000 (`judged_indices`); the temperature is fitted on training images
+  10,000-14,999, which the model (trained on the first 10,000) never saw.
+"""
 
 import numpy as np
 import pytest
+from scipy.stats import chi2_contingency
+from statsmodels.stats.proportion import proportion_confint
 
-from mnist_dagster.ml import drift
+from mnist_dagster.lifecycle.reference import build_serving_reference, judged_indices
+from mnist_dagster.ml import cbpe, drift
+from mnist_dagster.scoring.bundle import Predictor
+from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, typical_styles
+from mnist_dagster_tests.serving_support import real_model, real_test_set
 from mnist_dagster_tests.support import generated_digits
 
-RNG = np.random.default_rng(0)
 
-
-def confidences(count: int, a: float = 30.0, seed: int = 0) -> np.ndarray:
-    """Max-softmax-like values piled up near 1 (a beta(a, 1)); a smaller `a` is a less sure model."""
+def confidences(count: int, a: float = 60.0, seed: int = 0) -> np.ndarray:
+    """Top-probability-like values piled up near 1 (a beta(a, 1), mean a / (a + 1)); smaller `a`, less sure."""
     return np.random.default_rng(seed).beta(a, 1, count)
 
 
 @pytest.fixture(scope="module")
-def reference() -> drift.DriftReference:
-    images, labels = generated_digits(6000, seed=11)
-    return drift.build_reference(images / 255, labels, confidences(10_000, seed=1))
+def reference() -> drift.PathReference:
+    images, labels = generated_digits(4000, seed=11)
+    return drift.path_reference(images / 255, labels, confidences(4000, seed=1), "generated digits, seed 11")
 
 
-def by_name(report: drift.DriftReport) -> dict[str, drift.Statistic]:
-    return {statistic.name: statistic for statistic in report.statistics}
+def window(seed: int, a: float = 60.0, count: int = 1000):
+    images, labels = generated_digits(count, seed=seed)
+    return labels, confidences(count, a, seed), images / 255
 
 
 # ----- the pieces ------------------------------------------------------------------------------------
 
 
-def test_features_of_a_drawn_block_and_of_an_empty_image():
-    block = np.zeros((2, 28, 28), np.float32)
-    block[0, 4:8, 10:16] = 1.0  # rows 4-7, columns 10-15
-    features = drift.image_features(block)
-    assert features["bbox_height"].tolist() == [4, 0] and features["bbox_width"].tolist() == [6, 0]
-    assert features["ink_fraction"][0] == pytest.approx(24 / 784) and features["mean_ink"][0] == pytest.approx(24 / 784)
-    assert features["centre_offset"].tolist() == pytest.approx([np.hypot(14 - 5.5, 14 - 12.5), 0])
+def test_bins_merge_until_every_expected_count_is_at_least_five():
+    reference_counts, current_counts = np.array([1, 2, 50, 60, 3, 1, 80, 2]), np.array([0, 1, 40, 70, 2, 2, 90, 1])
+    table = drift.merge_bins(reference_counts, current_counts)
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0) / table.sum()
+    assert expected.min() >= 5 and table.sum() == reference_counts.sum() + current_counts.sum()
+    assert table.shape[1] < len(reference_counts)
+    p_value, bins = drift.merged_chi_square(reference_counts, current_counts)
+    assert bins == table.shape[1] and p_value == pytest.approx(chi2_contingency(table, correction=False).pvalue)
+    assert drift.merged_chi_square(np.array([3, 0]), np.array([2, 1])) == (1.0, 1)  # too few: one bin, no test
 
 
-def test_psi_is_zero_for_equal_shares_and_matches_its_formula():
-    assert drift.psi([0.5, 0.5], [0.5, 0.5]) == 0
-    assert drift.psi([0.5, 0.5], [0.25, 0.75]) == pytest.approx(0.25 * np.log(2) + 0.25 * np.log(1.5))
+def test_cbpe_interval_is_the_poisson_binomial_one_and_realised_is_wilson():
+    p = np.array([0.9, 0.99, 0.6, 0.8])
+    estimate = cbpe.estimate_accuracy(p)
+    half = 1.959964 * np.sqrt(np.sum(p * (1 - p))) / 4  # the high side is clipped at 1 here
+    assert estimate.accuracy == pytest.approx(p.mean()) and estimate.accuracy - estimate.low == pytest.approx(half)
+    realised = cbpe.realised_accuracy(90, 100)
+    assert (realised.low, realised.high) == pytest.approx(proportion_confint(90, 100, 0.05, method="wilson"))
+    assert cbpe.realised_accuracy(0, 0) is None
 
 
-def test_reference_is_compact_and_round_trips(reference):
-    payload = reference.to_json()
-    assert len(payload) < 50_000  # binned features and 2,000 confidences, not the training images
-    assert len(reference.confidence_sample) == drift.CONFIDENCE_SAMPLE and reference.test_count == 10_000
-    assert drift.DriftReference.from_json(payload) == reference
-    assert sum(reference.class_proportions) == pytest.approx(1)
-    with pytest.raises(ValueError, match="not a drift reference"):
-        drift.DriftReference.from_json(b'{"format": "something-else"}')
-
-
-# ----- both ways -------------------------------------------------------------------------------------
+def test_reference_round_trips_and_names_its_source(reference):
+    whole = drift.DriftReference({"pixels": reference})
+    again = drift.DriftReference.from_json(whole.to_json())
+    assert again == whole and len(whole.to_json()) < 100_000
+    assert again.for_input("batch") == again.for_input("upload") == reference  # no upload reference: pixels
+    with pytest.raises(ValueError, match="format"):
+        drift.DriftReference.from_json(b'{"format": "mnist-dagster/drift-reference-v1"}')
 
 
 def test_traffic_like_the_reference_raises_nothing(reference):
-    images, _ = generated_digits(1000, seed=12)
-    predicted = RNG.choice(10, 1000, p=reference.class_proportions)
-    report = drift.compare(reference, predicted, confidences(1000, seed=2), images / 255)
-    assert report.severity == "none", [(s.name, s.value, s.p_value) for s in report.statistics]
-    assert {s.name for s in report.statistics} == {
-        "predicted_class",
-        "confidence",
-        "low_confidence_rate",
-        *drift.FEATURES,
-    }
-    assert report.traffic == 1000 and report.images == 1000
+    for seed in range(12, 17):
+        report = drift.compare(reference, *window(seed))
+        assert report.severity == "none", [(s.name, s.value, s.p_value) for s in report.moved()]
 
 
-def test_one_digit_flooding_the_traffic_is_severe_class_drift(reference):
-    predicted = np.where(RNG.random(1000) < 0.5, 1, RNG.integers(0, 10, 1000))  # half the traffic says 1
-    statistic = by_name(drift.compare(reference, predicted, confidences(1000, seed=3), None))["predicted_class"]
-    assert statistic.severity == "severe" and statistic.value > 0.25 and statistic.p_value < 1e-6
-    assert statistic.current.startswith("digit 1")
+def test_less_sure_answers_are_an_alarm_graded_by_the_estimated_drop(reference):
+    moderate = drift.compare(reference, *window(17, a=30.0))  # 0.968 against 0.984: 1.6 points
+    severe = drift.compare(reference, *window(18, a=12.0))  # 0.923: 6 points
+    assert (moderate.severity, severe.severity) == ("moderate", "severe")
+    assert moderate.drift_detected and moderate.moved()[0].name == "estimated_accuracy"
 
 
-def test_a_less_sure_model_moves_the_confidence_and_the_low_confidence_rate(reference):
-    statistics = by_name(drift.compare(reference, RNG.integers(0, 10, 1000), confidences(1000, a=1.5, seed=4), None))
-    assert statistics["confidence"].severity == "severe"  # beta(1.5, 1) against beta(30, 1): D about 0.9
-    assert statistics["low_confidence_rate"].severity == "severe"  # below 0.5: 35% against 0%
-    slightly = by_name(drift.compare(reference, RNG.integers(0, 10, 1000), confidences(1000, a=25, seed=5), None))
-    assert slightly["confidence"].severity == "none" and slightly["low_confidence_rate"].severity == "none"
+def test_changed_inputs_read_as_surely_are_info_naming_what_changed(reference):
+    digits, sure, images = window(19)
+    report = drift.compare(reference, digits, sure, drift.thicken(images, 3))
+    assert report.severity == "info" and not report.drift_detected
+    assert {"mean_ink", "ink_fraction"} <= {s.name for s in report.moved()}
+    flooded = drift.compare(reference, np.where(np.arange(1000) < 500, 1, digits), sure, images)
+    assert flooded.severity == "info" and [s.name for s in flooded.moved()] == ["predicted_class"]
 
 
-@pytest.mark.parametrize(
-    "shift, moved",
-    [
-        (lambda x: drift.thicken(x, 3), "ink_fraction"),
-        (lambda x: drift.erode(x, 2), "ink_fraction"),
-        (lambda x: drift.add_noise(x, 0.3), "mean_ink"),
-        (lambda x: drift.shift(x, 4), "centre_offset"),
-    ],
-)
-def test_shifted_images_move_their_features(reference, shift, moved):
-    images, _ = generated_digits(1000, seed=13)
-    report = drift.compare(reference, RNG.integers(0, 10, 1000), confidences(1000, seed=6), shift(images / 255))
-    assert by_name(report)[moved].severity == "severe"
-    assert report.moved()[0].severity == "severe" and report.drift_detected
-
-
-def test_a_large_effect_on_a_few_predictions_is_not_significant_so_not_drift(reference):
-    """PSI of 20 predictions is mostly noise: the chi-square's p keeps it from alarming."""
-    predicted = np.array([1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5, 6, 7, 8])
-    statistic = by_name(drift.compare(reference, predicted, confidences(20, seed=7), None))["predicted_class"]
-    assert statistic.value > 0.1 and statistic.p_value > 0.001 and statistic.severity == "none"
+def test_a_large_drop_on_a_few_predictions_is_not_significant_so_no_alarm(reference):
+    digits, sure, images = window(20, a=12.0, count=8)
+    assert drift.compare(reference, digits, sure, images).severity == "none"
 
 
 def test_thresholds_are_config(reference):
-    images, _ = generated_digits(1000, seed=14)
-    loose = drift.DriftThresholds(feature_psi=(50.0, 100.0))
-    report = drift.compare(
-        reference, RNG.integers(0, 10, 1000), confidences(1000, seed=8), drift.thicken(images / 255, 3), loose
-    )
-    assert all(s.severity == "none" for s in report.statistics if s.name in drift.FEATURES)
+    loose = drift.DriftThresholds(accuracy_drop=(0.5, 0.9))
+    report = drift.compare(reference, *window(21, a=12.0), loose)
+    assert report.severity == "info" and [s.name for s in report.moved()] == ["confidence"]  # the drop is below 50
 
 
-# ----- real MNIST, a real model ----------------------------------------------------------------------
+# ----- real MNIST, a real model --------------------------------------------------------------------
 
 
-def test_real_mnist_clean_chunks_stay_quiet_and_shifted_digits_alarm(real_mnist_dir):
-    """The production architecture, one epoch on 10k real images (~97%): the test set as ten windows of
-    1,000 raises at most one alarm; 1,000 test digits rotated 45 degrees, with heavy noise, thickened or
-    eroded each raise one."""
-    from mnist_dagster.scoring.bundle import Predictor
-    from mnist_dagster_tests.serving_support import real_model, real_test_set
+@pytest.fixture(scope="module")
+def served(real_mnist_dir):
+    """(calibrated predictor, its reference, judged test images, their labels)."""
+    train_images, train_labels, test_images, test_labels = real_test_set(real_mnist_dir)
+    raw = Predictor(real_model(real_mnist_dir))
+    held_out = train_images[10_000:15_000].reshape(-1, 1, 28, 28).astype(np.float32) / 255
+    temperature = cbpe.fit_temperature(raw.predict_proba(held_out), train_labels[10_000:15_000])
+    model = _Calibrated(raw, temperature)
+    reference = build_serving_reference(model, test_images)
+    judged = judged_indices(len(test_images))
+    return model, reference, test_images[judged], test_labels[judged].astype(np.int64)
 
-    train_images, train_labels, test_images, _ = real_test_set(real_mnist_dir)
-    predictor = Predictor(real_model(real_mnist_dir))
 
-    def serve(unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probabilities = predictor.predict_proba(unit.reshape(-1, 1, 28, 28).astype(np.float32))
-        return probabilities.argmax(1), probabilities.max(1)
+class _Calibrated:
+    def __init__(self, predictor: Predictor, temperature: float) -> None:
+        self.predictor, self.temperature = predictor, temperature
 
-    test_unit = test_images / np.float32(255)
-    digits, sure = serve(test_unit)
-    reference = drift.build_reference(train_images / np.float32(255), train_labels, sure)
-    alarms = [
-        drift.compare(reference, digits[i : i + 1000], sure[i : i + 1000], test_unit[i : i + 1000]).drift_detected
-        for i in range(0, 10_000, 1000)
-    ]
-    assert sum(alarms) <= 1, alarms
-    chosen = np.random.default_rng(7).choice(10_000, 1000, replace=False)
-    for name, shifted in {
-        "rotated 45": drift.rotate(test_unit[chosen], 45),
-        "noise 0.3": drift.add_noise(test_unit[chosen], 0.3),
-        "thickened": drift.thicken(test_unit[chosen], 2),
-        "eroded": drift.erode(test_unit[chosen], 2),
-        "off centre by 3 px": drift.shift(test_unit[chosen], 3),
-    }.items():
-        shifted = np.rint(shifted * 255) / 255  # the uint8 round trip of the prediction log
-        report = drift.compare(reference, *serve(shifted), shifted)
-        assert report.drift_detected, (name, [(s.name, round(s.value, 3), s.p_value) for s in report.statistics])
+    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
+        return cbpe.at_temperature(self.predictor.predict_proba(pixels), self.temperature)
+
+
+def _answers(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probabilities = model.predict_proba(images.reshape(-1, 1, 28, 28).astype(np.float32))
+    return probabilities.argmax(axis=1), probabilities.max(axis=1)
+
+
+def test_cbpe_agrees_with_the_realised_accuracy_on_labelled_test_traffic(served):
+    model, _, images, labels = served
+    for part in np.array_split(np.arange(len(labels)), 4):  # four windows of 2,000
+        digits, confidence = _answers(model, images[part] / 255)
+        estimate = cbpe.estimate_accuracy(confidence)
+        realised = cbpe.realised_accuracy(int((digits == labels[part]).sum()), len(part))
+        assert estimate.overlaps(realised), (estimate.text(), realised.text())  # agree within their intervals
+        assert abs(estimate.accuracy - realised.accuracy) < 0.01  # and within a point
+
+
+def test_each_path_is_quiet_against_its_own_reference_and_harm_alarms(served):
+    model, reference, images, _ = served
+    pixels = images[:1000] / 255
+    uploads = through_upload_recipe(as_uploads(images[1000:2000], typical_styles(1000, seed=99)))
+    for path, window_images in (("json", pixels), ("upload", uploads)):
+        report = drift.compare(reference.for_input(path), *_answers(model, window_images), window_images)
+        assert not report.drift_detected, (path, [(s.name, s.value, s.p_value) for s in report.moved()])
+    rotated = drift.rotate(images[2000:3000] / 255, 45)
+    report = drift.compare(reference.for_input("json"), *_answers(model, rotated), rotated)
+    assert report.drift_detected and report.moved()[0].name == "estimated_accuracy"

@@ -125,7 +125,7 @@ def model_evaluation(
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
     metrics = evaluate.run_metrics(scored, config.metrics)
-    reference = _drift_reference(processed_mnist_data, result.confidences)
+    reference = _drift_reference(processed_mnist_data, digit_classifier["onnx"])
     comparison = _compare_with_production(storage, result.predictions.numpy(), processed_mnist_data)
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
@@ -161,13 +161,15 @@ def model_evaluation(
     )
 
 
-def _drift_reference(processed: dict, test_confidences) -> bytes:
-    """What `prediction_drift` compares this model's traffic with (training images and labels, the model's
-    test confidences), as JSON: saved beside the model when it is deployed."""
-    from mnist_dagster.ml.drift import build_reference
+def _drift_reference(processed: dict, onnx: bytes) -> bytes:
+    """What `prediction_drift` compares this model's traffic with: held-out test digits as serving sees them
+    (28x28 pixels, and rendered as PNG uploads through the upload recipe), scored by the ONNX graph the
+    endpoint serves; JSON, saved beside the model when it is deployed (`ml.drift.DriftReference`)."""
+    from mnist_dagster.lifecycle.reference import build_serving_reference
 
-    pixels = (processed["train_images"] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
-    return build_reference(pixels.numpy(), processed["train_labels"].numpy(), test_confidences.numpy()).to_json()
+    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
+    digits = pixels.mul(255).round().byte().numpy()
+    return build_serving_reference(bundle.Predictor(bundle.make_bundle("candidate", onnx)), digits).to_json()
 
 
 def _serving_check_images(processed: dict, count: int = 1000) -> dict:

@@ -155,6 +155,7 @@ class DigitService:
     def issue(
         self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str,
         client_key: str | None = None,
+        input_path: str | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to `predictions`, each with a new signed `prediction_id` and its arm. Their log lines are
         journaled (one write) before this returns; a full journal drops them, counted, and still answers.
@@ -167,7 +168,7 @@ class DigitService:
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
             records.append(
                 PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image,
-                                 client=client)  # fmt: skip
+                                 client=client, input=input_path)  # fmt: skip
             )
         if self.logs.predictions is not None and self.logs.predictions.record_many(records):
             if assignment.shadow is not None and self.shadow is not None:
@@ -179,7 +180,8 @@ class DigitService:
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
-        return self.issue(assignment, pixels, predictions, "predict", client_key)[0]
+        input_path = "upload" if service.media_type(content_type) in service.IMAGE_TYPES else "json"
+        return self.issue(assignment, pixels, predictions, "predict", client_key, input_path)[0]
 
     async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
         """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
@@ -196,7 +198,9 @@ class DigitService:
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
-        return json_response({"predictions": self.issue(assignment, pixels, predictions, "predict/batch", client_key)})
+        input_path = "upload" if b'"image_base64"' in body else "json"  # a mixed batch counts as uploads
+        answers = self.issue(assignment, pixels, predictions, "predict/batch", client_key, input_path)
+        return json_response({"predictions": answers})
 
     async def feedback(self, request: Request) -> Response:
         """The true label of an earlier prediction: `{"prediction_id": "<from the answer>", "label": 0-9}`.

@@ -9,7 +9,9 @@ One line per prediction, keys in this order:
     {"time": ISO-8601 UTC, "prediction_id": str (`serving/ids.py`), "arm": "production" | "challenger",
      "model_version": str, "digit": 0-9, "confidence": float, "endpoint": "predict" | "predict/batch",
      "image": base64 of 784 bytes,                          <- last but for the optional keys:
-     "client": 16 hex, "status": int}                       <- a hash of the X-Client-Key; an error's status
+     "input": "json" | "upload", "client": 16 hex, "status": int}
+                                       <- the input path when the server knows it; a hash of the X-Client-Key;
+                                          an error's status
 
 In shadow mode the challenger scores a request after it was answered (and journaled), so its digit follows as
 an amendment line, `{"time": the prediction's, "prediction_id", "shadow_digit", "shadow_version", "amends":
@@ -56,6 +58,7 @@ class PredictionRecord:
     shadow_version: str | None = None
     client: str | None = None  # `assignment.client_tag` of the request's client key; None: no key sent
     status: int | None = None  # set only when the answer was an error (the A/B report's error guardrail)
+    input: str | None = None  # "json" pixels or an image "upload": drift judges each path on its own
 
     def fields(self) -> dict[str, Any]:
         """The line's fields but `time` and `image`."""
@@ -67,6 +70,8 @@ class PredictionRecord:
             "confidence": self.confidence,
             "endpoint": self.endpoint,
         }
+        if self.input is not None:
+            fields["input"] = self.input
         if self.shadow_version is not None:
             fields["shadow_digit"], fields["shadow_version"] = self.shadow_digit, self.shadow_version
         if self.client is not None:
