@@ -58,7 +58,8 @@ ROOMS = (
     ),
     Room(
         "lifecycle",
-        ("lifecycle", "scoring", "ml.compare", "serving.prediction_log", "serving.feedback", "serving.jsonl", *GROUND),
+        ("lifecycle", "scoring", "ml.compare", "ml.drift", "ml.cbpe",
+         "serving.prediction_log", "serving.feedback", "serving.jsonl", *GROUND),
         (DAGSTER, *WEB_FRAMEWORKS, *HTTP_CLIENTS, "torch", "torchvision", "mlflow"),
         why="the deployment record and its decisions, as functions of the store: no Dagster, no HTTP, no registry; "
         "it reads the logs the endpoint writes through their own formats (serving's prediction_log, feedback, jsonl)",
