@@ -102,8 +102,8 @@ def leaderboard(rows: list[dict], yardstick: float) -> None:
     names = list(dict.fromkeys(row["name"] for row in rows))
     perturbations = list(augment.PERTURBATIONS)
     print("\n| candidate | seeds | test accuracy (mean ± sd) | target | ECE before -> after | "
-          + " | ".join(perturbations) + " | training time | vs yardstick | parameters | endpoint p50 |")
-    print("|---|---|---|---|---|" + "---|" * len(perturbations) + "---|---|---|---|")
+          + " | ".join(perturbations) + " | training time | vs yardstick | parameters | endpoint p50 | met |")
+    print("|---|---|---|---|---|" + "---|" * len(perturbations) + "---|---|---|---|---|")
     for name in names:
         runs = [row for row in rows if row["name"] == name]
         accuracy = np.array([row["test_accuracy"] for row in runs])
@@ -113,7 +113,19 @@ def leaderboard(rows: list[dict], yardstick: float) -> None:
         robust = " | ".join(f"{100 * np.mean([row['robustness'][p] for row in runs]):.1f}%" for p in perturbations)
         print(f"| `{name}` | {len(runs)} | {100 * accuracy.mean():.2f}%{spread} | >= {100 * target:.2f}% | "
               f"{100 * np.mean([r['ece_before'] for r in runs]):.2f}% -> {100 * np.mean([r['ece'] for r in runs]):.2f}% | "
-              f"{robust} | {seconds:.0f} s | {seconds / yardstick:.2f}x | {runs[0]['parameters']:,} | {runs[0]['p50_ms']:.2f} ms |")
+              f"{robust} | {seconds:.0f} s | {seconds / yardstick:.2f}x | {runs[0]['parameters']:,} | {runs[0]['p50_ms']:.2f} ms | {verdict(runs, target)} |")
+
+
+def verdict(runs: list[dict], accuracy_target: float) -> str:
+    """yes when the mean accuracy, every run's ECE and every perturbation meet their targets; else what missed."""
+    missed = []
+    if not np.mean([row["test_accuracy"] for row in runs]) >= accuracy_target:
+        missed.append("accuracy")
+    if max(row["ece"] for row in runs) > ECE_TARGET:
+        missed.append("ECE")
+    if min(min(row["robustness"].values()) for row in runs) < ROBUSTNESS_TARGET:
+        missed.append("robustness")
+    return "yes" if not missed else "NO: " + ", ".join(missed)
 
 
 def main() -> None:
