@@ -80,6 +80,9 @@ class TrainingConfig:
 #: Named candidates, defined once: `digit_classifier` trains any of them (config `candidate`), and
 #: `model_sweep_job` trains them side by side. The numbers they reach are in the README.
 CANDIDATES: dict[str, TrainingConfig] = {
+    # shift, not robust (measured on real MNIST, seed 0): shift 99.46% test, ECE 10.08% -> 0.09% (T 0.42), but
+    # blur 91.3%, low resolution 91.4%, elastic 95.4%; robust (ml.augment.random_robust) every perturbation
+    # >= 97.1% and ECE 0.31%, but 99.30% clean: below the 99.4% cnn-fast must keep in its 3 epochs
     "cnn-fast": TrainingConfig(),
     # shift: the best policy for it in the benchmark (99.57% test; affine 99.55, none 99.40, elastic 99.31)
     "cnn-accurate": TrainingConfig(channels=(32, 64), hidden=256, epochs=12, augmentation="shift"),
