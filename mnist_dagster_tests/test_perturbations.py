@@ -36,7 +36,9 @@ def test_each_perturbation_is_seeded_deterministic_in_range_and_changes_the_digi
 def test_geometric_perturbations_draw_their_direction_from_the_seed(name):
     images = rings()
     perturb = augment.PERTURBATIONS[name]
-    assert not torch.equal(perturb(images, torch.Generator().manual_seed(0)), perturb(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(
+        perturb(images, torch.Generator().manual_seed(0)), perturb(images, torch.Generator().manual_seed(1))
+    )
 
 
 def test_each_perturbation_does_what_its_name_says():
@@ -49,7 +51,7 @@ def test_each_perturbation_does_what_its_name_says():
     coarse = augment.low_resolution(images, generator, 2.0)
     assert torch.allclose(ink(coarse), ink(images), rtol=0.05) and not torch.allclose(coarse, images, atol=0.05)
     moved = augment.shift(images, generator, 3.0)
-    centre = lambda x: (x.squeeze(1) * torch.arange(28.0)).sum(dim=(1, 2)) / ink(x)  # noqa: E731 - column centroid
+    centre = lambda x: (x.squeeze(1) * torch.arange(28.0)).sum(dim=(1, 2)) / ink(x)  # column centroid
     assert (centre(moved) - centre(images)).abs().max() > 0.5
     # No strength, no change: the magnitudes are what they say.
     for function in (augment.thicken, augment.thin, augment.blur):

@@ -130,7 +130,9 @@ def elastic(images: Tensor, generator: torch.Generator, strength: float = 34.0, 
     return random_elastic(images, generator, background, alpha=strength)
 
 
-def thicken(images: Tensor, generator: torch.Generator, strength: float | Tensor = 1.0, background: float = 0.0) -> Tensor:
+def thicken(
+    images: Tensor, generator: torch.Generator, strength: float | Tensor = 1.0, background: float = 0.0
+) -> Tensor:
     """A heavier pen: grey dilation by a 3x3 cross, `strength` times (fractions blend with the next step)."""
     return _morphology(images, _per_image(strength, images), torch.maximum)
 

@@ -77,7 +77,6 @@ def expected_calibration_error(probabilities: Tensor, labels: Tensor, bins: int 
     confidences, predictions = probabilities.double().max(dim=1)
     correct = (predictions == labels).double()
     which = (confidences * bins).floor().long().clamp_(0, bins - 1)
-    counts = torch.bincount(which, minlength=bins).double()
     confidence_sums = torch.bincount(which, weights=confidences, minlength=bins)
     correct_sums = torch.bincount(which, weights=correct, minlength=bins)
     return float((confidence_sums - correct_sums).abs().sum().item() / len(labels))
