@@ -1,21 +1,25 @@
-"""Training benchmark: our default config against the named peers, on real MNIST, on this machine, in one run.
+"""Training benchmark: the default candidate (`cnn-fast`) against today's code and a yardstick, in one run.
 
-    python benchmarks/training_benchmark.py [--mnist DIR] [--skip-pipeline]
+    python benchmarks/training_benchmark.py [--mnist DIR] [--baseline DIR] [--repeats N]
+                                            [--yardstick-fraction F] [--peers] [--skip-pipeline]
 
-Prints a Markdown table for the README:
-- ours: the default `TrainingConfig` trained twice with seed 0 (reproducibility) and once with seed 1,
-  through the same `mnist_dagster.ml` code the `digit_classifier` asset runs; test accuracy on the 10k set.
-- peers: pytorch/examples' MNIST `Net` (Adadelta, batch 64, 14 epochs on 60k) and Dagster's project_ml
-  `DigitCNN` (Adam, batch 64, stopped after 20 epochs on 48k when run with its defaults), re-implemented
-  from their descriptions. Their per-epoch time is measured here on a slice of steady-state batches and
-  multiplied by their epoch counts; their accuracies are the ones they reach with those settings
-  (~99.2% and 99.51%, as measured on this machine with their own code). Their data loading and
-  augmentation are left out, which flatters them.
-- Materialize all: `dagster job execute` of the full pipeline in a fresh DAGSTER_HOME, wall time from
-  process start to exit, against the training time it reports.
+All on real MNIST, on this machine, side by side, so that the machine's other load falls on all of them:
+- ours: the default `TrainingConfig` trained with seed 0, again with seed 0 (reproducibility: the same
+  weights) and with seed 1, through the same `mnist_dagster.ml.fit` the `digit_classifier` asset runs;
+  test accuracy on the 10k set and calibration error (ECE, 15 bins) before and after the temperature.
+- baseline: with `--baseline DIR` (a checkout of an older commit, e.g. `git worktree add /tmp/old-ml main`),
+  the default config trained by THAT code, in a subprocess, taking turns with ours `--repeats` times.
+- yardstick: one epoch of pytorch/examples' MNIST recipe (its `Net`, Adadelta lr 1.0, batch 64, StepLR
+  gamma 0.7; in-memory tensors, no DataLoader), timed here. Every training time is also given as a ratio
+  to it, which holds from one machine to the next. `--yardstick-fraction F` times the first F of the epoch
+  and scales it up (a shared machine); the output says which.
+- peers (`--peers`): pytorch/examples' 14 epochs and Dagster's project_ml, per-epoch time from a slice of
+  steady-state batches, with the accuracies they reach (~99.2% and 99.51% as measured with their own code).
+- Materialize all: `dagster job execute` of the full pipeline in a fresh DAGSTER_HOME (unless --skip-pipeline).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -31,7 +35,7 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mnist_dagster.ml import data, evaluate, train  # noqa: E402
+from mnist_dagster.ml import calibrate, data, train  # noqa: E402
 from mnist_dagster.ml.config import TrainingConfig  # noqa: E402
 
 
@@ -99,10 +103,70 @@ def peer_epoch_seconds(factory, make_optimizer, batch_size: int, images: torch.T
     return per_image * epoch_size
 
 
-def train_ours(split: data.NormalisedSplit, seed: int) -> tuple[float, float]:
-    """(test accuracy, training seconds) for the default config with `seed`, as the asset trains it."""
+def yardstick_epoch_seconds(images: torch.Tensor, labels: torch.Tensor, fraction: float = 1.0) -> float:
+    """One epoch of pytorch/examples' MNIST recipe on `images` (seconds; the first `fraction` of it, scaled up)."""
+    torch.manual_seed(1)
+    net = PytorchExamplesNet().train()
+    optimizer = torch.optim.Adadelta(net.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    order = torch.randperm(len(images))
+    steps = max(1, round(fraction * len(images) / 64))
+    started = time.perf_counter()
+    for step in range(steps):
+        index = order[step * 64 : (step + 1) * 64]
+        loss = F.nll_loss(net(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    schedule.step()
+    return (time.perf_counter() - started) * len(images) / (steps * 64)
+
+
+def train_ours(split: data.NormalisedSplit, seed: int) -> dict:
+    """The default config with `seed`, as the asset trains it: accuracy, ECE before/after, seconds, weights' digest."""
+    cpu_started = time.process_time()
     trained = train.fit(split, TrainingConfig(seed=seed), device="cpu")
-    return evaluate.evaluate(trained.model, split.test_images, split.test_labels).accuracy, trained.seconds
+    cpu_seconds = time.process_time() - cpu_started
+    logits = train.predict_logits(trained.model.network, split.test_images)
+    return {
+        "code": "ours", "seed": seed, "training_seconds": trained.seconds, "cpu_seconds": cpu_seconds,
+        "temperature": trained.temperature,
+        "test_accuracy": (logits.argmax(1) == split.test_labels).double().mean().item(),
+        "ece_before": calibrate.expected_calibration_error(logits.softmax(1), split.test_labels),
+        "ece_after": calibrate.expected_calibration_error(calibrate.apply_temperature(logits, trained.temperature), split.test_labels),
+        "weights": weights_digest(trained.checkpoint["state_dict"]),
+    }  # fmt: skip
+
+
+def weights_digest(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode() + tensor.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+BASELINE_SCRIPT = """
+import json, sys, tempfile, time
+from pathlib import Path
+from mnist_dagster.ml import data, evaluate, train
+from mnist_dagster.ml.config import TrainingConfig
+with tempfile.TemporaryDirectory() as cache:
+    data.fetch_mnist([sys.argv[1]], Path(cache))
+    split = data.normalise_and_split(data.read_mnist(Path(cache)), 1 / 12, seed=0)
+cpu_started = time.process_time()
+trained = train.fit(split, TrainingConfig(seed=0), device="cpu")
+cpu_seconds = time.process_time() - cpu_started
+accuracy = evaluate.evaluate(trained.model, split.test_images, split.test_labels).accuracy
+print(json.dumps({"code": "baseline", "seed": 0, "training_seconds": trained.seconds, "cpu_seconds": cpu_seconds,
+                  "test_accuracy": accuracy}))
+"""
+
+
+def train_baseline(code: Path, mnist: Path) -> dict:
+    """The default config trained by the code in `code` (an older checkout), in a subprocess on the same data."""
+    result = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, str(mnist)], env={**os.environ, "PYTHONPATH": str(code)},
+                            cwd=code, check=True, capture_output=True, text=True)  # fmt: skip
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def materialize_all_seconds(mnist_dir: Path) -> tuple[float, float, float]:
@@ -127,6 +191,11 @@ def materialize_all_seconds(mnist_dir: Path) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "mnist")
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout of the code to compare with")
+    parser.add_argument("--repeats", type=int, default=1, help="baseline/ours turns (ours: seed 0 each turn)")
+    parser.add_argument("--yardstick-fraction", type=float, default=1.0)
+    parser.add_argument("--reproducibility", action="store_true", help="also train seed 0 again and seed 1")
+    parser.add_argument("--peers", action="store_true", help="also time pytorch/examples' and project_ml's epochs")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the Materialize-all timing")
     args = parser.parse_args()
 
@@ -134,35 +203,41 @@ def main() -> None:
         data.fetch_mnist([str(args.mnist)], Path(cache))
         raw = data.read_mnist(Path(cache))
     split = data.normalise_and_split(raw, 1 / 12, seed=0)
-
-    results = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    runs = [("seed 0", *train_ours(split, 0)), ("seed 0 again", *train_ours(split, 0)), ("seed 1", *train_ours(split, 1))]
-    results["ours"] = [{"run": name, "test_accuracy": acc, "training_seconds": secs} for name, acc, secs in runs]
-    ours_seconds = runs[0][2]
-
-    peers = []
-    for name, (factory, optimizer, batch_size, epochs, epoch_size, accuracy) in PEERS.items():
-        epoch = peer_epoch_seconds(factory, optimizer, batch_size, split.train_images, split.train_labels, epoch_size)
-        peers.append({"peer": name, "epoch_seconds": epoch, "epochs": epochs, "total_seconds": epoch * epochs,
-                      "accuracy": accuracy, "ratio_vs_ours": epoch * epochs / ours_seconds})
-    results["peers"] = peers
-
+    results: dict = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": []}
+    yardstick = yardstick_epoch_seconds(split.train_images, split.train_labels, args.yardstick_fraction)
+    for _ in range(args.repeats):
+        if args.baseline:
+            results["runs"].append(train_baseline(args.baseline, args.mnist))
+            print(results["runs"][-1], flush=True)
+        results["runs"].append(train_ours(split, 0))
+        print(results["runs"][-1], flush=True)
+    if args.reproducibility:
+        results["runs"] += [train_ours(split, 0), train_ours(split, 1)]
+    results["yardstick_epoch_seconds"] = yardstick
+    print(json.dumps(results, indent=2))
+    print(f"\nyardstick: one epoch of pytorch/examples' MNIST recipe = {yardstick:.1f} s"
+          + ("" if args.yardstick_fraction == 1 else f" (timed on {args.yardstick_fraction:.0%} of it, scaled)"))
+    print("\n| code | seed | test accuracy | ECE before -> after (T) | training time | CPU time | vs yardstick epoch | weights |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in results["runs"]:
+        ece = f"{100 * run['ece_before']:.2f}% -> {100 * run['ece_after']:.2f}% ({run['temperature']:.3f})" if "ece_after" in run else "-"
+        print(f"| {run['code']} | {run['seed']} | {100 * run['test_accuracy']:.2f}% | {ece} | {run['training_seconds']:.1f} s "
+              f"| {run['cpu_seconds']:.1f} s | {run['training_seconds'] / yardstick:.2f}x | {run.get('weights', '-')} |")
+    baseline = [run["training_seconds"] for run in results["runs"] if run["code"] == "baseline"]
+    ours = [run["training_seconds"] for run in results["runs"] if run["code"] == "ours" and run["seed"] == 0]
+    if baseline:
+        print(f"\nours / baseline training time: {sum(ours) / sum(baseline):.2f}x wall (means of {len(ours)} and {len(baseline)} runs)")
+        cpu = [sum(r["cpu_seconds"] for r in results["runs"] if r["code"] == code and r["seed"] == 0) for code in ("ours", "baseline")]
+        print(f"ours / baseline CPU time: {cpu[0] / len(ours) / (cpu[1] / len(baseline)):.2f}x (the machine's other load does not count)")
+    if args.peers:
+        for name, (factory, optimizer, batch_size, epochs, epoch_size, accuracy) in PEERS.items():
+            epoch = peer_epoch_seconds(factory, optimizer, batch_size, split.train_images, split.train_labels, epoch_size)
+            print(f"| {name} ({epochs} epochs x {epoch:.1f} s measured) | ~{100 * accuracy:.2f}% | {epoch * epochs / 60:.1f} min "
+                  f"| {epoch * epochs / yardstick:.1f}x yardstick |")
     if not args.skip_pipeline:
         wall, training, accuracy = materialize_all_seconds(args.mnist)
-        results["materialize_all"] = {"wall_seconds": wall, "training_seconds": training, "test_accuracy": accuracy,
-                                      "ratio": wall / training}
-
-    print(json.dumps(results, indent=2))
-    print("\n| what | test accuracy | training time | vs ours |\n|---|---|---|---|")
-    for run in results["ours"]:
-        print(f"| ours, default config, {run['run']} | {100 * run['test_accuracy']:.2f}% | {run['training_seconds']:.1f} s | |")
-    for peer in peers:
-        print(f"| {peer['peer']} ({peer['epochs']} epochs x {peer['epoch_seconds']:.1f} s measured) | "
-              f"~{100 * peer['accuracy']:.2f}% | {peer['total_seconds'] / 60:.1f} min | {peer['ratio_vs_ours']:.0f}x slower |")
-    if "materialize_all" in results:
-        m = results["materialize_all"]
-        print(f"| Materialize all (full_pipeline_job, fresh instance) | {100 * m['test_accuracy']:.2f}% | "
-              f"{m['wall_seconds']:.1f} s wall, {m['training_seconds']:.1f} s training | {m['ratio']:.2f}x training time |")
+        print(f"| Materialize all (full_pipeline_job, fresh instance) | {100 * accuracy:.2f}% | {wall:.1f} s wall, "
+              f"{training:.1f} s training | {wall / training:.2f}x training time |")
 
 
 if __name__ == "__main__":

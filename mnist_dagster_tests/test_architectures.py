@@ -23,7 +23,7 @@ SMALL_PARAMS = {
     "resnet": {"channels": (4, 8, 8), "depth": 2, "dropout": 0.1},
     "vit": {"hidden": 16, "depth": 2, "heads": 2, "patch_size": 7, "dropout": 0.1},
 }
-WARPS = {"affine": random_affine, "elastic": random_elastic}
+WARPS = {"affine": random_affine, "elastic": random_elastic}  # robust: tested in test_perturbations.py
 
 
 def strokes(n: int, seed: int = 0) -> torch.Tensor:
@@ -82,7 +82,7 @@ def test_vit_rejects_a_patch_size_that_does_not_divide_28(patch_size: int) -> No
 
 
 def test_policies() -> None:
-    assert AUGMENTATIONS == ("none", "shift", "affine", "elastic")
+    assert AUGMENTATIONS == ("none", "shift", "affine", "elastic", "robust")
 
 
 @pytest.mark.parametrize("policy", sorted(WARPS))

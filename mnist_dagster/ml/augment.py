@@ -1,7 +1,7 @@
 """Batched, seeded geometric augmentation of whole batches of digit images (N, 1, 28, 28).
 
 `AUGMENTATIONS` names the policies; `none` and `shift` (`ml.train.random_shift`) live with training,
-`affine` and `elastic` here. Both warp `images - background` with `F.grid_sample` (bilinear, zero
+`affine`, `elastic` and `robust` (the perturbations below, mixed) here. Both warp `images - background` with `F.grid_sample` (bilinear, zero
 padding) and add `background` back, so pixels pulled in from outside the frame are background and the
 output never leaves [min(inputs, background), max(inputs, background)] (for [0, 1] pixels with
 background 0: never leaves [0, 1]). `background` is what a blank pixel is worth in the images' scale:
@@ -14,13 +14,15 @@ images' device, so the same seed draws the same warps on CPU and GPU. No Python 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 #: The augmentation policies `TrainingConfig` may name.
-AUGMENTATIONS = ("none", "shift", "affine", "elastic")
+AUGMENTATIONS = ("none", "shift", "affine", "elastic", "robust")
 
 
 def random_affine(
@@ -97,3 +99,150 @@ def _sample(images: Tensor, grid: Tensor, background: float) -> Tensor:
     low = images.amin().clamp(max=background)
     high = images.amax().clamp(min=background)
     return torch.clamp(warped, low, high)
+
+
+# --- perturbations: how other people's pens, scanners and uploads change a digit ----------------------
+#
+# Each is a plain function `(images, generator, strength, background=0.0) -> images` on a batch
+# (N, 1, 28, 28), ink brighter than `background` (pixels in [0, 1] with background 0, or standardised
+# images with background -mean/std: every one commutes with that affine map). Geometric ones draw a
+# direction per image from `generator` (rotation angle, shift vector, elastic field) up to `strength`;
+# the others apply `strength` as given (a float, or one value per image as a tensor (N,)), so that
+# training can draw it per image and evaluation can fix it. `PERTURBATIONS` fixes evaluation strengths.
+
+
+def rotate(images: Tensor, generator: torch.Generator, strength: float = 15.0, background: float = 0.0) -> Tensor:
+    """Rotate each image about its centre by an angle uniform in [-strength, strength] degrees."""
+    n = images.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(strength)
+    return affine_warp(images, angle, torch.ones(n), torch.zeros(n, 2), background)
+
+
+def shift(images: Tensor, generator: torch.Generator, strength: float = 3.0, background: float = 0.0) -> Tensor:
+    """Move each digit off centre by up to `strength` pixels along each axis (uniform, continuous)."""
+    n = images.shape[0]
+    offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * strength
+    return affine_warp(images, torch.zeros(n), torch.ones(n), offset, background)
+
+
+def elastic(images: Tensor, generator: torch.Generator, strength: float = 34.0, background: float = 0.0) -> Tensor:
+    """Elastic distortion with displacement scale `strength` pixels (`random_elastic`, sigma 4)."""
+    return random_elastic(images, generator, background, alpha=strength)
+
+
+def thicken(
+    images: Tensor, generator: torch.Generator, strength: float | Tensor = 1.0, background: float = 0.0
+) -> Tensor:
+    """A heavier pen: grey dilation by a 3x3 cross, `strength` times (fractions blend with the next step)."""
+    return _morphology(images, _per_image(strength, images), torch.maximum)
+
+
+def thin(images: Tensor, generator: torch.Generator, strength: float | Tensor = 0.5, background: float = 0.0) -> Tensor:
+    """A finer pen: grey erosion by a 3x3 cross, `strength` times (0.5: half-way to one full erosion)."""
+    return _morphology(images, _per_image(strength, images), torch.minimum)
+
+
+def blur(images: Tensor, generator: torch.Generator, strength: float | Tensor = 1.0, background: float = 0.0) -> Tensor:
+    """An out-of-focus scan: Gaussian blur of `strength` pixels' sigma (0: unchanged), zero-padded at the edges."""
+    n, _, height, width = images.shape
+    sigma = _per_image(strength, images).clamp(min=1e-3)
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernels = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    kernels = kernels * (offsets.abs().view(1, -1) <= (3 * sigma).ceil().view(-1, 1))  # each its own 3-sigma support
+    kernels = (kernels / kernels.sum(1, keepdim=True)).view(n, 1, 1, -1)
+    flat = (images - background).view(1, n, height, width)
+    flat = F.conv2d(flat, kernels, padding=(0, radius), groups=n)
+    flat = F.conv2d(flat, kernels.transpose(2, 3), padding=(radius, 0), groups=n)
+    return flat.view(n, 1, height, width) + background
+
+
+def low_resolution(
+    images: Tensor, generator: torch.Generator, strength: float | Tensor = 2.0, background: float = 0.0
+) -> Tensor:
+    """A small or coarse capture drawn up: shrink by `strength` (area average), then enlarge back (bilinear)."""
+    _, _, height, width = images.shape
+    factor = _per_image(strength, images).clamp(min=1.0)
+    sides = (height / factor).round().long().clamp(min=4).tolist()
+    out = images.clone()
+    for side in sorted(set(sides)):
+        if side >= height:
+            continue
+        chosen = torch.tensor([s == side for s in sides], device=images.device)
+        small = F.interpolate(images[chosen], size=(side, side * width // height), mode="area")
+        out[chosen] = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+    return out
+
+
+def _per_image(strength: float | Tensor, images: Tensor) -> Tensor:
+    """`strength` as one value per image (N,), on the images' device and dtype."""
+    return torch.as_tensor(strength, dtype=images.dtype).to(images.device).expand(images.shape[0]).clone()
+
+
+def _morphology(images: Tensor, amount: Tensor, combine) -> Tensor:
+    """`combine` (max: dilate, min: erode) over each pixel's 3x3 cross, floor(amount) times, then blend the rest."""
+    out = images
+    for step in range(math.ceil(float(amount.max()))):
+        nxt = _cross_step(out, combine)
+        weight = (amount - step).clamp(0, 1).view(-1, 1, 1, 1)
+        out = out + weight * (nxt - out)
+    return out
+
+
+def _cross_step(images: Tensor, combine) -> Tensor:
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    result = images
+    for rows, cols in ((slice(0, -2), slice(1, -1)), (slice(2, None), slice(1, -1)),
+                       (slice(1, -1), slice(0, -2)), (slice(1, -1), slice(2, None))):  # fmt: skip
+        result = combine(result, padded[..., rows, cols])
+    return result
+
+
+Perturbation = Callable[[Tensor, torch.Generator], Tensor]
+
+#: What the evaluation's robustness table measures, each at a fixed strength, on pixels in [0, 1]
+#: (background 0): `PERTURBATIONS[name](pixels, torch.Generator().manual_seed(seed))`.
+EVALUATION_STRENGTHS: dict[str, float] = {
+    "thick": 1.0,  # one full dilation: strokes about 2 px wider
+    "thin": 0.5,  # half an erosion: a finer pen without breaking strokes
+    "blur": 1.0,  # Gaussian sigma 1 px
+    "low_resolution": 2.0,  # captured at 14x14, drawn up to 28x28
+    "off_centre": 3.0,  # up to 3 px off along each axis
+    "rotation": 15.0,  # within 15 degrees either way
+    "elastic": 34.0,  # Simard et al.'s alpha, sigma 4
+}
+_FUNCTIONS = {"thick": thicken, "thin": thin, "blur": blur, "low_resolution": low_resolution,
+              "off_centre": shift, "rotation": rotate, "elastic": elastic}  # fmt: skip
+PERTURBATIONS: dict[str, Perturbation] = {
+    name: partial(_FUNCTIONS[name], strength=strength) for name, strength in EVALUATION_STRENGTHS.items()
+}
+
+
+#: The `robust` policy's mix: (perturbation, lowest and highest strength drawn per image). Each image
+#: gets a random affine warp, then one of these or nothing (equally likely).
+ROBUST_MIX: tuple[tuple[Callable[..., Tensor], float, float], ...] = (
+    (thicken, 0.3, 1.5),
+    (thin, 0.2, 0.7),
+    (blur, 0.5, 1.3),
+    (low_resolution, 1.3, 2.5),
+    (elastic, 34.0, 34.0),
+)
+
+
+def random_robust(images: Tensor, generator: torch.Generator, background: float) -> Tensor:
+    """Training for other hands: a random affine warp (rotation within 15 degrees, scale 0.85-1.1, up to
+    3 px off centre) for every image, then per image one of `ROBUST_MIX` at a random strength, or none."""
+    n = images.shape[0]
+    if n == 0:
+        return images.clone()
+    out = random_affine(images, generator, background, max_degrees=15.0, scale=(0.85, 1.1), max_translate_px=3.0)
+    choice = torch.randint(0, len(ROBUST_MIX) + 1, (n,), generator=generator)
+    amounts = torch.rand(len(ROBUST_MIX), n, generator=generator)
+    for index, (function, low, high) in enumerate(ROBUST_MIX):
+        chosen = choice == index
+        if chosen.any():
+            strength = (low + (high - low) * amounts[index][chosen]).to(images.device, images.dtype)
+            if low == high:
+                strength = low
+            out[chosen.to(images.device)] = function(out[chosen.to(images.device)], generator, strength, background)
+    return out

@@ -14,7 +14,7 @@ import typing
 from typing import Any, Literal
 
 Architecture = Literal["cnn", "resnet", "vit"]  # the networks in `ml.architectures`
-Augmentation = Literal["none", "shift", "affine", "elastic"]  # the policies in `ml.augment`
+Augmentation = Literal["none", "shift", "affine", "elastic", "robust"]  # the policies in `ml.augment`
 
 
 def knob(default: Any, doc: str) -> Any:
@@ -38,7 +38,7 @@ class TrainingConfig:
     heads: int = knob(4, "vit: attention heads")
     patch_size: int = knob(4, "vit: side of the square patches (divides 28)")
     dropout: float = knob(0.1, "dropout before the output layer (vit: in every block)")
-    augmentation: Augmentation = knob("shift", "none, shift (up to max_shift px), affine, or elastic")
+    augmentation: Augmentation = knob("shift", "none, shift (up to max_shift px), affine, elastic, or robust (other hands: thickness, blur, low resolution...)")
     epochs: int = knob(3, "passes over the training split")
     batch_size: int = knob(128, "images per optimiser step")
     max_lr: float = knob(0.01, "peak learning rate of the one-cycle schedule (AdamW)")
@@ -46,6 +46,9 @@ class TrainingConfig:
     label_smoothing: float = knob(0.1, "cross-entropy label smoothing")
     max_shift: int = knob(2, "the shift augmentation's largest translation, in pixels")
     seed: int = knob(0, "seeds weights, batch order, dropout and augmentation: same seed, same model")
+    members: int = knob(
+        1, "1: one network; N > 1: an ensemble of N (seeds seed..seed+N-1) served as one graph averaging their calibrated probabilities"
+    )
     processes: int = knob(
         1, "data-parallel processes: 1 trains in the step; N > 1 runs N torchrun workers (DDP; one per GPU on CUDA)"
     )
@@ -53,6 +56,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.processes < 1:
             raise ValueError(f"processes must be at least 1, got {self.processes}")
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, got {self.members}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainingConfig:
@@ -75,6 +80,9 @@ class TrainingConfig:
 #: Named candidates, defined once: `digit_classifier` trains any of them (config `candidate`), and
 #: `model_sweep_job` trains them side by side. The numbers they reach are in the README.
 CANDIDATES: dict[str, TrainingConfig] = {
+    # shift, not robust (measured on real MNIST, seed 0): shift 99.46% test, ECE 10.08% -> 0.09% (T 0.42), but
+    # blur 91.3%, low resolution 91.4%, elastic 95.4%; robust (ml.augment.random_robust) every perturbation
+    # >= 97.1% and ECE 0.31%, but 99.30% clean: below the 99.4% cnn-fast must keep in its 3 epochs
     "cnn-fast": TrainingConfig(),
     # shift: the best policy for it in the benchmark (99.57% test; affine 99.55, none 99.40, elastic 99.31)
     "cnn-accurate": TrainingConfig(channels=(32, 64), hidden=256, epochs=12, augmentation="shift"),
@@ -85,6 +93,8 @@ CANDIDATES: dict[str, TrainingConfig] = {
         architecture="vit", hidden=64, depth=6, heads=4, patch_size=7, epochs=20, augmentation="affine",
         max_lr=0.002, weight_decay=0.05,
     ),
+    # three cnn-accurate-shaped networks (seeds 0-2), served as one graph: the mean of their calibrated probabilities
+    "ensemble": TrainingConfig(channels=(32, 64), hidden=256, epochs=6, augmentation="shift", members=3),
 }  # fmt: skip
 DEFAULT_CANDIDATE = "cnn-fast"
 

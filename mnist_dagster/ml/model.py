@@ -16,13 +16,15 @@ from torch import nn
 
 from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.ml.architectures import build
+from mnist_dagster.ml.calibrate import TemperatureScaled
 
 CHECKPOINT_FORMAT = "mnist-dagster/checkpoint-v2"
 CNN_V1_FORMAT = "mnist-dagster/cnn-v1"  # before the model zoo: always a CNN, still loadable
 
 
 class ServingModel(nn.Module):
-    """Raw pixels in [0, 1] -> class probabilities: the normalisation is part of the deployed graph."""
+    """Raw pixels in [0, 1] -> class probabilities: the normalisation is part of the deployed graph, and so is
+    the temperature when `model` is the `TemperatureScaled` network `load_checkpoint` returns."""
 
     def __init__(self, model: nn.Module, mean: float, std: float) -> None:
         super().__init__()
@@ -37,27 +39,36 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def make_checkpoint(
-    model: nn.Module, architecture: str, params: Mapping[str, Any], mean: float, std: float
+    model: nn.Module, architecture: str, params: Mapping[str, Any], mean: float, std: float, temperature: float = 1.0
 ) -> dict[str, Any]:
-    """The checkpoint of `model`, built as `architectures.build(architecture, params)`."""
+    """The checkpoint of `model`, built as `architectures.build(architecture, params)`, with the temperature
+    that calibrates its probabilities (`ml.calibrate`)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "architecture": architecture,
         "config": {key: list(value) if isinstance(value, tuple) else value for key, value in params.items()},
         "normalisation": {"mean": mean, "std": std},
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "temperature": float(temperature),
     }
 
 
-def load_checkpoint(checkpoint: Mapping[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The model in eval mode and its normalisation; refuses anything that is not our format."""
+def load_checkpoint(
+    checkpoint: Mapping[str, Any], device: str | torch.device = "cpu"
+) -> tuple[TemperatureScaled, dict]:
+    """The model in eval mode and its normalisation; refuses anything that is not our format.
+
+    The network comes wrapped in its temperature (1.0 for checkpoints from before calibration), so whoever
+    takes a softmax of its output (evaluation, the ONNX export) gets calibrated probabilities.
+    """
     fmt = checkpoint.get("format")
     if fmt not in (CHECKPOINT_FORMAT, CNN_V1_FORMAT):
         raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint (format={fmt!r})")
     architecture = checkpoint.get("architecture", "cnn") if fmt == CHECKPOINT_FORMAT else "cnn"
     model = build(architecture, checkpoint["config"])
     model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), checkpoint["normalisation"]
+    scaled = TemperatureScaled(model, checkpoint.get("temperature", 1.0))
+    return scaled.to(device).eval(), checkpoint["normalisation"]
 
 
 def checkpoint_to_bytes(checkpoint: Mapping[str, Any]) -> bytes:
@@ -71,7 +82,7 @@ def checkpoint_from_bytes(data: bytes) -> dict:
 
 
 def export_onnx(checkpoint: Mapping[str, Any]) -> bytes:
-    """The serving graph (normalise, network, softmax) as ONNX with a dynamic batch axis."""
+    """The serving graph (normalise, network, divide by the temperature, softmax) as ONNX with a dynamic batch axis."""
     model, norm = load_checkpoint(checkpoint)
     serving = ServingModel(model, norm["mean"], norm["std"]).eval()
     buffer = io.BytesIO()

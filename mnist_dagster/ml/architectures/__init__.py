@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from mnist_dagster.ml.architectures.cnn import DigitCNN
+from mnist_dagster.ml.architectures.ensemble import ENSEMBLE, DigitEnsemble
 from mnist_dagster.ml.architectures.resnet import DigitResNet
 from mnist_dagster.ml.architectures.vit import DigitViT
 
@@ -21,7 +22,13 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"cnn": DigitCNN, "resnet": DigitRes
 
 
 def build(architecture: str, params: Mapping[str, Any]) -> nn.Module:
-    """The network `architecture` with `params` (lists from JSON or checkpoints become tuples)."""
+    """The network `architecture` with `params` (lists from JSON or checkpoints become tuples).
+
+    `ensemble` is the one composite: its params are the members' architecture, their params and their number
+    (`TrainingConfig.members` > 1 trains one; see `architectures.ensemble`).
+    """
+    if architecture == ENSEMBLE:
+        return DigitEnsemble([build(params["architecture"], params["params"]) for _ in range(params["members"])])
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[architecture](**{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
