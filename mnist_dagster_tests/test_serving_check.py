@@ -9,7 +9,7 @@ import pytest
 from mnist_dagster.lifecycle import check
 from mnist_dagster.scoring import preprocess
 from mnist_dagster.scoring.bundle import Predictor
-from mnist_dagster.serving.client import ServingCheckError
+from mnist_dagster.lifecycle.check import ServingCheckError
 from mnist_dagster_tests.serving_support import real_model, real_test_set
 from mnist_dagster_tests.support import generated_digits
 

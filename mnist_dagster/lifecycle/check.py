@@ -21,7 +21,9 @@ import numpy as np
 
 from mnist_dagster.scoring import bundle as bundles
 from mnist_dagster.scoring.preprocess import MNIST_SIDE, encode_png, prepare_upload
+from mnist_dagster.ml.compare import mcnemar_exact
 from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, varied_styles
+
 
 class ServingCheckError(RuntimeError):
     """The serving path does not answer what the model answers."""
@@ -30,7 +32,11 @@ class ServingCheckError(RuntimeError):
 #: The server rounds probabilities to 6 decimals; anything larger than this is a different computation.
 PROBABILITY_TOLERANCE = 1e-4
 UPLOAD_ACCURACY_GAP = 0.005  # uploads may read at most half a point worse than the same digits' pixels
-UPLOAD_CHECK_IMAGES = 600  # ~1-2 s of rendering and decoding; one batched model call
+#: ... beyond chance: McNemar's exact one-sided test on the same digits as uploads and as pixels must also find
+#: the uploads worse at this level. One image is 0.1 point of 1,000, so a gap of a few images is noise a gate
+#: must not refuse on; a broken recipe (no centring, the wrong polarity) costs tens of points and p ~ 1e-30.
+UPLOAD_ALPHA = 0.01
+UPLOAD_CHECK_IMAGES = 1000  # ~2 s of rendering and decoding; one batched model call
 UPLOAD_SEED = 4  # fixed: every gate sends the same uploads
 #: Rendering presumes MNIST-format digits: a 20 px box centred in 28 px, leaving the outer 2-px frame dark.
 #: 11% of the real MNIST test digits touch that frame; images filling it (generated test patterns) are
@@ -61,6 +67,7 @@ class UploadCheck:
     images: int
     upload_accuracy: float
     pixel_accuracy: float
+    p_value: float  # McNemar's exact one-sided p that the uploads read worse than the pixels
 
     @property
     def gap(self) -> float:
@@ -77,13 +84,16 @@ def check_uploads(
     as_uploaded = predictor.predict_proba(uploads.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE)).argmax(axis=1)
     pixels = digits.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE).astype(np.float32) / 255
     as_pixels = predictor.predict_proba(pixels).argmax(axis=1)
-    result = UploadCheck(len(digits), float(np.mean(as_uploaded == truth)), float(np.mean(as_pixels == truth)))
-    if result.gap > UPLOAD_ACCURACY_GAP:
+    paired = mcnemar_exact(truth, as_uploaded, as_pixels)  # "candidate": the upload path; "production": pixels
+    result = UploadCheck(len(digits), paired.candidate_accuracy, paired.production_accuracy, paired.p_value)
+    if result.gap > UPLOAD_ACCURACY_GAP and paired.significantly_worse(UPLOAD_ALPHA):
         raise ServingCheckError(
             f"uploads read worse than pixels: {result.upload_accuracy:.2%} of {result.images} test digits "
             f"rendered as uploads (28-400 px, both polarities, off-centre, PNG and JPEG) against "
             f"{result.pixel_accuracy:.2%} of the same digits as 28x28 pixels, a gap of {result.gap:.2%} > "
-            f"{UPLOAD_ACCURACY_GAP:.1%}; the upload recipe does not give the model the digits it was trained on"
+            f"{UPLOAD_ACCURACY_GAP:.1%}, and McNemar's exact one-sided test finds it no chance (p = "
+            f"{result.p_value:.3g} < {UPLOAD_ALPHA}); the upload recipe does not give the model the digits it was "
+            "trained on"
         )
     return result
 
