@@ -23,7 +23,9 @@ from mnist_dagster_tests.serving_support import generated_model, running_server,
 from mnist_dagster_tests.support import generated_digits, wait_for
 
 POLL_SECONDS = 1.0  # the server's default
-LINE_KEYS = {"time", "prediction_id", "arm", "model_version", "digit", "confidence", "endpoint", "image"}
+LINE_KEYS = {
+    "time", "prediction_id", "arm", "model_version", "digit", "confidence", "endpoint", "input", "latency_ms", "image",
+}  # fmt: skip
 ANSWER_KEYS = {"digit", "confidence", "probabilities", "model_version", "prediction_id", "arm"}
 
 
@@ -219,9 +221,11 @@ def test_every_answer_and_log_line_names_its_prediction_and_keeps_the_image_the_
     lines = logged_lines(server.store, {a["prediction_id"] for a in answers})
     seen = [mnist_format(decode_image(png)) for png in pngs] + [image / 255 for image in images[6:]]
     endpoints = ["predict"] * 7 + ["predict/batch"] * 5
-    for answer, pixels, endpoint in zip(answers, seen, endpoints):
+    inputs = ["upload"] * 6 + ["json"] * 6  # six PNGs, then JSON pixels alone and in a batch
+    for answer, pixels, endpoint, path in zip(answers, seen, endpoints, inputs):
         line = lines[answer["prediction_id"]]
-        assert set(line) == LINE_KEYS and line["endpoint"] == endpoint
+        assert set(line) == LINE_KEYS and (line["endpoint"], line["input"]) == (endpoint, path)
+        assert line["latency_ms"] > 0  # the request's time in the server: the A/B report's p99 guardrail
         assert {k: line[k] for k in ("arm", "model_version", "digit", "confidence")} == {
             k: answer[k] for k in ("arm", "model_version", "digit", "confidence")
         }

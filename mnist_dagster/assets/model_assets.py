@@ -262,15 +262,17 @@ def production_digit_classifier(
     `shadow`: alias `challenger`). A candidate failing the serving-path check fails the step, and neither
     the record nor the registry aliases change.
     """
+    from mnist_dagster.lifecycle import gate  # lazy: its McNemar test loads scipy.stats (~1.6 s) at import
+
     store = storage.open()
     accuracy, comparison = model_evaluation["test_accuracy"], model_evaluation.get("comparison")
     previous = read_record(store).production
     run_id = digit_classifier["mlflow_run_id"]
     common = {
         "test_accuracy": accuracy, "threshold": config.accuracy_threshold, "alpha": config.alpha,
-        "mlflow_run_id": run_id, **_comparison_metadata(comparison),
+        "mlflow_run_id": run_id, **gate.comparison_metadata(comparison),
     }  # fmt: skip
-    refusal = _refusal(accuracy, comparison, previous, config)
+    refusal = gate.refusal(accuracy, comparison, previous, config.accuracy_threshold, config.alpha)
     if refusal is not None:
         context.log.warning(f"Not deployed: {refusal}; production stays at version {previous}")
         return dg.MaterializeResult(
@@ -284,7 +286,7 @@ def production_digit_classifier(
     )
     _save_drift_reference(store, version, model_evaluation, context.log)
     decision, served, where = _deploy(store, candidate, previous, config, mlflow, context.run_id)
-    reason = _passed(accuracy, comparison, config)
+    reason = gate.passed(accuracy, comparison, config.accuracy_threshold, config.alpha)
     context.log.info(f"Version {version} deployed as {decision}: {reason}")
     return dg.MaterializeResult(
         metadata={
@@ -350,61 +352,3 @@ def _deploy(store, candidate, previous: str | None, config: DeploymentConfig, ml
     deploy.start_trial(store, candidate, Routing(config.strategy, config.challenger_traffic))
     mlflow.set_alias(CHALLENGER_ALIAS, version)
     return f"challenger ({config.strategy})", f"{previous}+challenger-{version}", bundle_prefix(version)
-
-
-def _refusal(accuracy: float, comparison: dict | None, production: str | None, config: DeploymentConfig) -> str | None:
-    """Why the gate refuses the candidate, in words a person reads; None when it passes."""
-    if not accuracy > config.accuracy_threshold:
-        return f"test accuracy {accuracy:.4f} is not above the threshold {config.accuracy_threshold}"
-    compared = comparison["production_version"] if comparison else None
-    if compared != production:
-        return (
-            f"production is version {production}, but the candidate was compared with {compared or 'no model'}; "
-            "materialize model_evaluation again to compare with the current production model"
-        )
-    if comparison is None:
-        return None
-    p_value = _worse_p_value(comparison)
-    if p_value <= config.alpha:
-        return (
-            f"significantly worse than production version {production} on the same test images "
-            f"({100 * comparison['candidate_test_accuracy']:.2f}% against {100 * comparison['production_test_accuracy']:.2f}%): "
-            f"production alone was right on {comparison['production_right_candidate_wrong']} images, the candidate alone "
-            f"on {comparison['candidate_right_production_wrong']}; McNemar's exact test p = {p_value:.3g} "
-            f"(one-sided: is the candidate worse?) <= alpha {config.alpha}"
-        )
-    return None
-
-
-def _worse_p_value(comparison: dict) -> float:
-    """The one-sided p-value, recomputed from the counts: an evaluation stored before the gate became
-    one-sided carries a two-sided `mcnemar_p_value`, which would test at alpha / 2."""
-    from mnist_dagster.ml.compare import mcnemar_worse_p_value  # scipy: kept off the code location's load
-
-    counts = comparison["candidate_right_production_wrong"], comparison["production_right_candidate_wrong"]
-    return mcnemar_worse_p_value(*counts)
-
-
-def _passed(accuracy: float, comparison: dict | None, config: DeploymentConfig) -> str:
-    if comparison is None:
-        return f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}; no production model to compare with"
-    return (
-        f"test accuracy {accuracy:.4f} above the threshold {config.accuracy_threshold}, and not significantly worse than "
-        f"production version {comparison['production_version']} (McNemar's exact test, one-sided, p = "
-        f"{_worse_p_value(comparison):.3g} > alpha {config.alpha}: the candidate alone right on "
-        f"{comparison['candidate_right_production_wrong']} images, production alone on "
-        f"{comparison['production_right_candidate_wrong']})"
-    )
-
-
-def _comparison_metadata(comparison: dict | None) -> dict:
-    """The comparison as the gate judged it: the counts, and the one-sided p-value and its test by name."""
-    from mnist_dagster.ml.compare import MCNEMAR_ONE_SIDED  # scipy: kept off the code location's load
-
-    if comparison is None:
-        return {"production_test_accuracy": "no production model yet"}
-    keys = ("production_test_accuracy", "candidate_right_production_wrong", "production_right_candidate_wrong")
-    return {
-        "compared_with": comparison["production_version"], **{key: comparison[key] for key in keys},
-        "mcnemar_p_value": _worse_p_value(comparison), "gate_test": MCNEMAR_ONE_SIDED,
-    }  # fmt: skip

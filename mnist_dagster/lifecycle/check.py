@@ -21,7 +21,6 @@ import numpy as np
 
 from mnist_dagster.scoring import bundle as bundles
 from mnist_dagster.scoring.preprocess import MNIST_SIDE, encode_png, prepare_upload
-from mnist_dagster.ml.compare import mcnemar_exact
 from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, varied_styles
 
 
@@ -79,6 +78,9 @@ def check_uploads(
 ) -> UploadCheck:
     """The first `count` digits rendered as uploads through the recipe, against their pixels; raises
     `ServingCheckError` when uploads read more than `UPLOAD_ACCURACY_GAP` worse."""
+    # Lazy: scipy.stats costs ~1.6 s, and the gate's asset module imports this one when the code location loads.
+    from mnist_dagster.ml.compare import mcnemar_exact
+
     digits, truth = images[:count], np.asarray(labels[:count])
     uploads = through_upload_recipe(as_uploads(digits, varied_styles(len(digits), UPLOAD_SEED)))
     as_uploaded = predictor.predict_proba(uploads.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE)).argmax(axis=1)

@@ -156,11 +156,14 @@ class DigitService:
         self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str,
         client_key: str | None = None,
         input_path: str | None = None,
+        started: float | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to `predictions`, each with a new signed `prediction_id` and its arm. Their log lines are
         journaled (one write) before this returns; a full journal drops them, counted, and still answers.
         In shadow mode the records also go to the shadow scorer, which only enqueues."""
         now, arm, images = time.time(), assignment.arm, pixels.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+        # The request's time in the server so far (parse + predict): the A/B report's p99 guardrail per arm.
+        latency_ms = round((time.perf_counter() - started) * 1000, 3) if started is not None else None
         client = client_tag(client_key) if client_key else None  # the A/B report counts clients, not requests
         answers, records = [], []
         for image, p in zip(images, predictions):
@@ -168,7 +171,7 @@ class DigitService:
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
             records.append(
                 PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image,
-                                 client=client, input=input_path)  # fmt: skip
+                                 client=client, input=input_path, latency_ms=latency_ms)  # fmt: skip
             )
         if self.logs.predictions is not None and self.logs.predictions.record_many(records):
             if assignment.shadow is not None and self.shadow is not None:
@@ -177,11 +180,12 @@ class DigitService:
 
     def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> dict[str, Any]:
         """The answer to `POST /predict`, without the HTTP; raises a refusal."""
+        started = time.perf_counter()
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
         input_path = "upload" if service.media_type(content_type) in service.IMAGE_TYPES else "json"
-        return self.issue(assignment, pixels, predictions, "predict", client_key, input_path)[0]
+        return self.issue(assignment, pixels, predictions, "predict", client_key, input_path, started)[0]
 
     async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
         """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
@@ -194,12 +198,13 @@ class DigitService:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
         answers in the same order, all from the same arm. One bad image fails the request, naming its index."""
         body = await read_body(request)  # first: a body over the limit is a 413 before any 503
+        started = time.perf_counter()
         assignment = self.assign(client_key)
         pixels, predictions = await run_in_threadpool(
             _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
         )
         input_path = "upload" if b'"image_base64"' in body else "json"  # a mixed batch counts as uploads
-        answers = self.issue(assignment, pixels, predictions, "predict/batch", client_key, input_path)
+        answers = self.issue(assignment, pixels, predictions, "predict/batch", client_key, input_path, started)
         return json_response({"predictions": answers})
 
     async def feedback(self, request: Request) -> Response:

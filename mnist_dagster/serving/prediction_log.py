@@ -9,7 +9,7 @@ One line per prediction, keys in this order:
     {"time": ISO-8601 UTC, "prediction_id": str (`serving/ids.py`), "arm": "production" | "challenger",
      "model_version": str, "digit": 0-9, "confidence": float, "endpoint": "predict" | "predict/batch",
      "image": base64 of 784 bytes,                          <- last but for the optional keys:
-     "input": "json" | "upload", "client": 16 hex, "status": int}
+     "input": "json" | "upload", "client": 16 hex, "status": int, "latency_ms": float}
                                        <- the input path when the server knows it; a hash of the X-Client-Key;
                                           an error's status
 
@@ -59,6 +59,7 @@ class PredictionRecord:
     client: str | None = None  # `assignment.client_tag` of the request's client key; None: no key sent
     status: int | None = None  # set only when the answer was an error (the A/B report's error guardrail)
     input: str | None = None  # "json" pixels or an image "upload": drift judges each path on its own
+    latency_ms: float | None = None  # the request's time in the server: the A/B report's p99 guardrail
 
     def fields(self) -> dict[str, Any]:
         """The line's fields but `time` and `image`."""
@@ -78,6 +79,8 @@ class PredictionRecord:
             fields["client"] = self.client
         if self.status is not None:
             fields["status"] = self.status
+        if self.latency_ms is not None:
+            fields["latency_ms"] = self.latency_ms
         return fields
 
     def line(self, image: str | None = None) -> dict[str, Any]:
