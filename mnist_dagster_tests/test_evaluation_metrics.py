@@ -253,9 +253,9 @@ def test_the_pass_through_the_served_onnx_graph_agrees_with_the_model(trained_sc
 
     from mnist_dagster.ml.model import export_onnx, make_checkpoint
 
-    model = trained_scored.model
-    checkpoint = make_checkpoint(model, "cnn", {key: FAST_TRAINING[key] for key in ("channels", "hidden")} | {"dropout": 0.1},
-                                 trained_scored.mean, trained_scored.std)  # fmt: skip
+    model = trained_scored.model  # the network wrapped with its calibration temperature (`load_checkpoint`)
+    checkpoint = make_checkpoint(model.network, "cnn", {key: FAST_TRAINING[key] for key in ("channels", "hidden")} | {"dropout": 0.1},
+                                 trained_scored.mean, trained_scored.std, model.temperature)  # fmt: skip
     session = onnxruntime.InferenceSession(export_onnx(checkpoint), providers=["CPUExecutionProvider"])
     args = (model, trained_scored.images, trained_scored.labels, trained_scored.mean, trained_scored.std)
     served_result, served = evaluate.score_in_one_pass(*args, served=lambda x: session.run(None, {"pixels": x})[0])

@@ -57,8 +57,9 @@ def test_every_asset_materializes_and_deploys(dev_test_resources, dev_env, insta
     assert read_record(store).production == version
     reference = DriftReference.from_json(store.read_bytes(drift_reference_key(version)))  # what drift compares with
     processed = result.asset_materializations_for_node("processed_mnist_data")[0].metadata
-    assert reference.train_count == processed["train_size"].value
-    assert sum(reference.class_proportions) == pytest.approx(1.0) and len(reference.confidence_sample) > 0
+    pixels = reference.paths["pixels"]  # the held-out test digits as served: pixels (uploads too, on real digits)
+    assert pixels.count == sum(pixels.class_counts) > 0 and len(pixels.confidence_sample) > 0
+    assert 0.0 < pixels.expected_accuracy <= 1.0 and processed["test_size"].value >= pixels.count
 
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == version
