@@ -10,7 +10,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_dagster.assets.model_assets import DeploymentConfig, _refusal
+from mnist_dagster.assets.model_assets import DeploymentConfig
+from mnist_dagster.lifecycle import gate
 from mnist_dagster.lifecycle import deploy
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.scoring import preprocess
@@ -144,6 +145,6 @@ def test_the_gate_refuses_an_equally_good_candidate_at_its_stated_level_not_half
             "production_version": "1", "candidate_test_accuracy": 0.99, "production_test_accuracy": 0.99,
             "candidate_right_production_wrong": n - worse, "production_right_candidate_wrong": worse,
         }  # fmt: skip
-        refused += _refusal(0.99, comparison, "1", config) is not None
+        refused += gate.refusal(0.99, comparison, "1", config.accuracy_threshold, config.alpha) is not None
     rate = refused / 4_000
     assert 0.03 < rate <= 0.05 + 2.33 * np.sqrt(0.05 * 0.95 / 4_000), rate
