@@ -83,6 +83,7 @@ def split_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_the_seed_makes_a_two_process_run_reproducible(tmp_path, split_file):
     """Two torchrun launches with the same seed write bit-identical checkpoints; rank 0 reports every epoch."""
     first, first_checkpoint = _launch(tmp_path / "a", split_file)
@@ -108,6 +109,7 @@ def test_a_worker_python_error_comes_back_with_its_traceback(tmp_path):
     assert distributed.failure_summary(record).startswith(f"DDP worker rank {root['rank']} ")
 
 
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_two_process_training_materializes_loads_and_serves(dev_test_resources, instance):
     """`digit_classifier` with processes=2: torchrun under Pipes, epochs in the step's log and in MLflow,
     a checkpoint that loads, and its ONNX model serves the test images."""
@@ -129,6 +131,7 @@ def test_two_process_training_materializes_loads_and_serves(dev_test_resources, 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_a_killed_worker_fails_the_step_cleanly(dev_test_resources, instance):
     """SIGKILL rank 1 mid-training: the step fails naming the rank and the signal, torchrun leaves no
     worker behind, and the MLflow run is FAILED, not RUNNING."""

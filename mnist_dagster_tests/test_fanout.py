@@ -144,6 +144,7 @@ def _overlap(windows: dict[str, tuple[float, float, int]]) -> bool:
     return max(start for start, _, _ in windows.values()) < min(end for _, end, _ in windows.values())
 
 
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_batch_shards_and_sweep_candidates_run_as_parallel_processes(dev_env, dev_test_resources, store, monkeypatch):
     for key, value in dev_env.items():
         monkeypatch.setenv(key, value)

@@ -192,6 +192,7 @@ def sweep_definitions(dev_env: dict, md5s: dict) -> dg.Definitions:
     return dg.Definitions(assets=defs.assets, jobs=defs.jobs, sensors=defs.sensors, resources=resources)
 
 
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_sweep_of_two_candidates_reports_the_leaderboard_and_hands_the_winner_to_the_gate(dev_env, fake_mirror, instance):
     defs = sweep_definitions(dev_env, fake_mirror[1])
     assets, checks = pipeline_assets_and_checks()

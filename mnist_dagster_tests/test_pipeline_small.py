@@ -125,6 +125,7 @@ def training_job_with_a_process_per_step() -> dg.JobDefinition:
     return defs.resolve_job_def("train_per_process")
 
 
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_same_seed_same_model_in_process_and_a_process_per_step(
     dev_test_resources, dev_env, fake_mirror, tmp_path, monkeypatch, instance
 ):

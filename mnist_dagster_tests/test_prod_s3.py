@@ -52,6 +52,7 @@ def inbox_batch(images: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # real processes, 10-60 s: left out of the edit loop
 def test_prod_pipeline_on_s3_matches_dev(prod_env, fake_mirror, dev_test_resources, instance):
     mirror, md5s = fake_mirror
     images, _ = generated_digits(200, seed=7)
