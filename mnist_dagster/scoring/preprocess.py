@@ -19,7 +19,6 @@ no digit in it and is refused rather than guessed at.
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,28 +70,6 @@ def _grayscale(image) -> np.ndarray:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
     return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.float32)
-
-
-def pixels_from_json(value: Any) -> np.ndarray:
-    """`{"pixels": ...}` content: 28 rows of 28 numbers 0-255 -> float32 (28, 28)."""
-    if not (
-        isinstance(value, list)
-        and len(value) == MNIST_SIDE
-        and all(isinstance(row, list) and len(row) == MNIST_SIDE for row in value)
-    ):
-        raise InputError("'pixels' must be 28 rows of 28 numbers between 0 and 255")
-    try:
-        array = np.array(value)
-    except (ValueError, TypeError, OverflowError) as error:
-        raise InputError("'pixels' must contain only numbers between 0 and 255") from error
-    if array.dtype.kind not in "iuf" or array.shape != (MNIST_SIDE, MNIST_SIDE):
-        raise InputError("'pixels' must contain only numbers between 0 and 255")
-    if not np.isfinite(array).all():
-        raise InputError("'pixels' contains NaN or infinity")
-    low, high = array.min(), array.max()
-    if low < 0 or high > 255:
-        raise InputError(f"pixel values must be between 0 and 255 (got {low:g} to {high:g})")
-    return array.astype(np.float32)
 
 
 def mnist_format(pixels: np.ndarray) -> np.ndarray:
