@@ -21,6 +21,26 @@ pytest_plugins = [
 ]
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly has shuffled: its order holds within each group
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: the modules holding a real-data `slow` test (the UI's "Materialize all", the real-MNIST
+    pipeline), then the other modules with a `slow` test, then the rest, each group in the random order.
+
+    xdist hands whole modules (`--dist loadfile`) to the two workers in this order (`--no-loadscope-reorder`
+    keeps it), so the long single tests start at once instead of being left for the end of the run, where
+    one core would wait on them alone.
+    """
+
+    def weight(item: pytest.Item) -> int:
+        slow = item.get_closest_marker("slow") is not None
+        return 2 if slow and item.get_closest_marker("real_data") else int(slow)
+
+    module_weight: dict[str, int] = {}
+    for item in items:
+        module_weight[item.module.__name__] = max(module_weight.get(item.module.__name__, 0), weight(item))
+    items.sort(key=lambda item: -module_weight[item.module.__name__])  # stable: the random order stays
+
+
 @pytest.fixture(scope="session")
 def fake_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A local directory serving generated MNIST files, and their md5s."""

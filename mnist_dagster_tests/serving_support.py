@@ -1,25 +1,28 @@
 """Models and servers for the inference tests: small models trained in seconds, a real uvicorn process.
 
 Trained models are cached per process (`functools.cache`), so every test module that asks for one
-(directly or through the fixtures in `serving_fixtures.py`) shares one training each.
+(directly or through the fixtures in `serving_fixtures.py`) shares one training each; the real-data model
+is also shared by the run's xdist workers (`shared_by_workers`), so it is trained once per run, not once per core.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
+from filelock import FileLock
 
 from mnist_dagster.scoring.bundle import Bundle, Predictor, make_bundle
 from mnist_dagster_tests.support import FAST_TRAINING, free_port, generated_digits
@@ -86,11 +89,35 @@ def real_test_set(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return tuple(tensors[name].numpy() for name in ("train_images", "train_labels", "test_images", "test_labels"))
 
 
+#: A folder every xdist worker of this run sees (set by `serving_fixtures.shared_folder_of_the_run`), or None.
+SHARED_FOLDER: Path | None = None
+
+
+def shared_by_workers(name: str, build: Callable[[], Bundle]) -> Bundle:
+    """One build per test run, whichever xdist worker asks first; the others wait on the lock and read it.
+
+    Training is deterministic for its seed (the same model on every executor), so reading the first worker's
+    bundle is the same as training it again. Without a shared folder (no xdist) it simply builds.
+    """
+    if SHARED_FOLDER is None:
+        return build()
+    saved = SHARED_FOLDER / f"{name}.pickle"
+    with FileLock(SHARED_FOLDER / f"{name}.lock"):
+        if not saved.exists():
+            saved.write_bytes(pickle.dumps(build()))
+        return pickle.loads(saved.read_bytes())
+
+
 @functools.cache
 def real_model(mnist_dir: Path, version: str = "1") -> Bundle:
     """The production architecture (TrainingConfig defaults), one epoch on 10k real images: ~97% in seconds."""
-    train_images, train_labels, test_images, test_labels = real_test_set(mnist_dir)
-    return train_bundle((train_images[:10_000], train_labels[:10_000]), (test_images, test_labels), version, epochs=1)
+
+    def train() -> Bundle:
+        train_images, train_labels, test_images, test_labels = real_test_set(mnist_dir)
+        first_10k = (train_images[:10_000], train_labels[:10_000])
+        return train_bundle(first_10k, (test_images, test_labels), version, epochs=1)
+
+    return shared_by_workers(f"real-model-v{version}", train)
 
 
 @contextmanager
