@@ -42,7 +42,13 @@ class Room:
 ROOMS = (
     Room("digits", (), (DAGSTER,), why="the image format: everything stands on it"),
     Room("layout", ("digits",), (DAGSTER,), why="the map of the store: names only"),
-    Room("storage", ("digits", "layout"), (DAGSTER, *WEB_FRAMEWORKS), why="the Store, local or S3, under every room"),
+    Room(
+        "storage",
+        ("storage", "digits", "layout"),
+        (DAGSTER, *WEB_FRAMEWORKS),
+        why="where bytes live and how they get there durably (the Store, the journal, its shipper, JSON-lines logs), "
+        "under every room; it knows no log's fields",
+    ),
     Room(
         "ml",
         ("ml", "digits", "layout"),
@@ -58,11 +64,11 @@ ROOMS = (
     ),
     Room(
         "lifecycle",
-        ("lifecycle", "scoring", "ml.compare", "ml.drift", "ml.cbpe",
-         "serving.prediction_log", "serving.feedback", "serving.jsonl", *GROUND),
+        ("lifecycle", "scoring", "ml.compare", "ml.drift", "ml.cbpe", "serving.prediction_log", "serving.feedback",
+         *GROUND),
         (DAGSTER, *WEB_FRAMEWORKS, *HTTP_CLIENTS, "torch", "torchvision", "mlflow"),
         why="the deployment record and its decisions, as functions of the store: no Dagster, no HTTP, no registry; "
-        "it reads the logs the endpoint writes through their own formats (serving's prediction_log, feedback, jsonl)",
+        "it reads the logs the endpoint writes through their own formats (serving's prediction_log, feedback)",
     ),
     Room(
         "serving",

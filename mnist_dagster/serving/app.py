@@ -4,8 +4,8 @@
 the contract with the Dagster side), the logs and the shadow scorer; its route methods are ordinary FastAPI
 endpoints, registered in `create_app`. Every answer names its `prediction_id`, `arm` and `model_version`;
 its `prediction_id` is signed (`serving/ids.py`) so that `POST /feedback` on any replica can take the true
-label of one. Predictions and labels are journaled before the answer leaves (`serving/jsonl.py`,
-`serving/journal.py`) and shipped to the store (`serving/shipper.py`).
+label of one. Predictions and labels are journaled before the answer leaves and shipped to the store
+(`storage/jsonl.py`, `storage/journal.py`, `storage/shipper.py`).
 
 One error style: every refusal is raised, as an `InputError` (the client's to fix) or `NoModel`, and
 answered by one handler as `{"detail": message}` with its status; FastAPI's own (404, 405) have that shape.
@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from mnist_dagster.digits import IMAGE_SIDE
+from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
 from mnist_dagster.lifecycle.assignment import client_tag
 from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving import page, service
@@ -62,9 +63,9 @@ from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.serving.routing import CLIENT_KEY_HEADER, Assignment, Router
 from mnist_dagster.serving.service import Prediction
 from mnist_dagster.serving.shadow import ShadowScorer
-from mnist_dagster.serving.shipper import Shipper
 from mnist_dagster.serving.watcher import DeploymentWatcher
 from mnist_dagster.storage import Store
+from mnist_dagster.storage.shipper import Shipper
 
 JSON = "application/json"
 NO_MODEL_DETAIL = "no model loaded yet: nothing is deployed in this store (materialize production_digit_classifier)"
@@ -89,11 +90,6 @@ class NoModel(Exception):
 def json_response(content: Any, status: int = 200) -> Response:
     """`content` serialised once, by orjson (no `jsonable_encoder` walk, no response-model validation)."""
     return Response(orjson.dumps(content), status_code=status, media_type=JSON)
-
-
-def refused(status: int, message: str) -> Response:
-    """The one error style: `{"detail": message}` with the status, for every refused request."""
-    return json_response({"detail": message}, status)
 
 
 @dataclass
@@ -134,9 +130,7 @@ class DigitService:
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         # Started sinks first, sources last; stopped the other way, so the shadow's last digits reach the log.
-        parts = [self.logs.shipper, self.shadow]
-        parts.append(self.watcher)
-        started = [part for part in parts if part is not None]
+        started = [part for part in (self.logs.shipper, self.shadow, self.watcher) if part is not None]
         for part in started:
             part.start()
         try:
@@ -178,21 +172,18 @@ class DigitService:
                 self.shadow.submit(assignment.shadow, images, records)
         return answers
 
-    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> dict[str, Any]:
-        """The answer to `POST /predict`, without the HTTP; raises a refusal."""
+    async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
+        """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
+        `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
+        preprocessed the MNIST way (see the description above)."""
+        body, content_type = await read_body(request), request.headers.get("content-type")
         started = time.perf_counter()
         assignment = self.assign(client_key)
         pixels = service.parse_image(body, content_type)
         predictions = service.predict(assignment.model.predictor, pixels)
         input_path = "upload" if service.media_type(content_type) in service.IMAGE_TYPES else "json"
-        return self.issue(assignment, pixels, predictions, "predict", client_key, input_path, started)[0]
-
-    async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
-        """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
-        `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
-        preprocessed the MNIST way (see the description above)."""
-        body = await read_body(request)
-        return json_response(self.answer_predict(body, request.headers.get("content-type"), client_key))
+        answers = self.issue(assignment, pixels, predictions, "predict", client_key, input_path, started)
+        return json_response(answers[0])
 
     async def predict_batch(self, request: Request, client_key: ClientKey = None) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
@@ -230,7 +221,11 @@ class DigitService:
         shadow = self.shadow.status() if self.shadow else None
         answer = {"status": "ok" if loaded else "no model", **status, "shadow": shadow}
         if self.logs.shipper is not None:
-            answer["journal"] = self.logs.shipper.status()
+            journal = self.logs.shipper.status()
+            refused = journal.pop("refused")
+            journal["dropped_predictions"] = refused.get(PREDICTION_LOG_PREFIX, 0)
+            journal["refused_feedback"] = refused.get(FEEDBACK_PREFIX, 0)
+            answer["journal"] = journal
         return json_response(answer, 200 if loaded else 503)
 
     async def index(self) -> Response:
@@ -275,14 +270,12 @@ async def read_body(request: Request) -> bytes:
 def create_app(
     store: Store,
     poll_seconds: float = 1.0,
-    prediction_log: PredictionLog | None = None,
-    feedback_log: FeedbackLog | None = None,
+    logs: Logs | None = None,
     guards: FeedbackGuards | None = None,
-    shipper: Shipper | None = None,
     signer: IdSigner | None = None,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    digits = DigitService(store, poll_seconds, Logs(prediction_log, feedback_log, shipper), guards, signer)
+    digits = DigitService(store, poll_seconds, logs, guards, signer)
     app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
     app.state.service, app.state.watcher = digits, digits.watcher
     app.post(
@@ -315,9 +308,10 @@ def create_app(
 
 
 async def _refusal(_request: Request, error: Exception) -> Response:
-    return refused(error.status, str(error))
+    """The one error style: `{"detail": message}` with the status, for every refused request."""
+    return json_response({"detail": str(error)}, error.status)
 
 
 async def _gone(_request: Request, _error: Exception) -> Response:
     """A client that hung up mid-body: nobody reads the answer, and it is no server error either."""
-    return refused(400, "the client disconnected before sending the whole body")
+    return json_response({"detail": "the client disconnected before sending the whole body"}, 400)
