@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import boto3
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 
@@ -223,6 +222,8 @@ class S3Store:
 def s3_client() -> Any:
     """A boto3 S3 client from the environment: credentials, `AWS_ENDPOINT_URL` (boto3 reads both) and
     `AWS_REGION` (botocore itself reads only `AWS_DEFAULT_REGION`)."""
+    import boto3  # lazy: boto3 costs ~0.2 s, a tenth of the code location's load, which uses no S3 client
+
     return boto3.client("s3", region_name=os.environ.get("AWS_REGION") or None)
 
 
