@@ -64,17 +64,36 @@ ROOMS = (
     ),
     Room(
         "lifecycle",
-        ("lifecycle", "scoring", "ml.compare", "ml.drift", "ml.cbpe", "serving.prediction_log", "serving.feedback",
-         *GROUND),
+        (
+            "lifecycle",
+            "scoring",
+            "ml.compare",
+            "ml.drift",
+            "ml.cbpe",
+            "serving.prediction_log",
+            "serving.feedback",
+            *GROUND,
+        ),
         (DAGSTER, *WEB_FRAMEWORKS, *HTTP_CLIENTS, "torch", "torchvision", "mlflow"),
-        why="the deployment record and its decisions, as functions of the store: no Dagster, no HTTP, no registry; "
-        "it reads the logs the endpoint writes through their own formats (serving's prediction_log, feedback)",
+        why="the deployment record, its decisions as functions of the store, and how a server follows it (watcher, "
+        "routing, shadow): no Dagster, no HTTP, no registry; it reads the logs the endpoint writes through their own "
+        "formats (serving's prediction_log, feedback)",
     ),
     Room(
         "serving",
-        ("serving", "scoring", "lifecycle.record", "lifecycle.assignment", *GROUND),
+        (
+            "serving",
+            "scoring",
+            "lifecycle.record",
+            "lifecycle.assignment",
+            "lifecycle.watcher",
+            "lifecycle.routing",
+            "lifecycle.shadow",
+            *GROUND,
+        ),
         (DAGSTER, "torch", "torchvision", "mlflow"),
-        why="the HTTP process only: it follows the deployment record and its Routing, never Dagster or the training",
+        why="the HTTP process only: routes, their models, the page and the write path; it follows the deployment "
+        "record through lifecycle's watcher, router and shadow scorer, never Dagster or the training",
     ),
     Room(
         "resources",

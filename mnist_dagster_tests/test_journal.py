@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from mnist_dagster.layout import SERVING_SECRET_KEY
+from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, latest_labels, read_feedback
 from mnist_dagster.serving.ids import IdSigner, MissingSecret, serving_secret
+from mnist_dagster.storage import LocalStore
 from mnist_dagster.storage.journal import Journal, JournalSettings
 from mnist_dagster.storage.jsonl import read_json_lines
-from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.storage.shipper import Shipper, ship_segment
-from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import wait_for
 
 SECRET = b"a-test-secret-of-32-bytes-length"

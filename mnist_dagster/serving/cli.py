@@ -3,7 +3,7 @@
     mnist-dagster serve [--host 127.0.0.1] [--port 8000] [--store LOCATION]
 
 Serves the models the deployment record `deployment.json` names (production, and a challenger as its
-routing says; see `serving/routing.py`), following every change of it without a restart; journals
+routing says; see `lifecycle/routing.py`), following every change of it without a restart; journals
 predictions and client feedback on local disk before answering and ships them to `prediction_log/` and
 `feedback/` (see docs/write-path.md). `GET /` is a page to draw a digit on.
 

@@ -122,17 +122,6 @@ class PredictionLog(JsonLinesLog):
         return self.journal.append(self.prefix, b"".join(lines), len(lines)) if lines else True
 
 
-class ShadowAmendments:
-    """What the shadow scorer hands its scored records to: they were journaled when answered, so only the
-    challenger's digit is added (a record the shadow could not score has nothing to add)."""
-
-    def __init__(self, log: PredictionLog) -> None:
-        self.log = log
-
-    def record(self, record: PredictionRecord) -> None:
-        self.log.record_shadow([record])
-
-
 def object_stamp(key: str) -> str:
     """A log object's name without its folder: `<UTC time written>-<host>-<pid>-<sequence>.jsonl`. Names
     sort by when they were written, whichever day's folder they went to (lines that waited for an

@@ -240,9 +240,9 @@ class Journal:
         """Closes the open segments `due(segment)` picks: fsync, close, rename to `.sealed`, fsync of the folder."""
         with self._lock:
             taken = {stream: s for stream, s in self._open.items() if due(s)}
-            for stream in taken:
+            for stream, segment in taken.items():
                 del self._open[stream]
-                self._dirty.discard(taken[stream].fd)
+                self._dirty.discard(segment.fd)
         sealed = [self._seal_file(segment) for segment in taken.values()]
         if sealed:
             if self.settings.fsync != "off":
