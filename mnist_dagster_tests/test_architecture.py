@@ -47,7 +47,7 @@ ROOMS = (
         ("storage", "digits", "layout"),
         (DAGSTER, *WEB_FRAMEWORKS),
         why="where bytes live and how they get there durably (the Store, the journal, its shipper, JSON-lines logs), "
-        "under every room; it knows no log's fields",
+        "under every room; it knows no prediction or feedback field",
     ),
     Room(
         "ml",
