@@ -41,26 +41,28 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-from mnist_dagster.lifecycle import deploy  # noqa: E402
-from mnist_dagster.lifecycle.record import Routing, Strategy, change_record  # noqa: E402
-from mnist_dagster.scoring.bundle import make_bundle, store_bundle  # noqa: E402
-from mnist_dagster.scoring.preprocess import encode_png  # noqa: E402
-from mnist_dagster.serving.routing import Router, client_share  # noqa: E402
-from mnist_dagster.serving.watcher import Deployment, LoadedModel  # noqa: E402
-from mnist_dagster.storage import LocalStore  # noqa: E402
 from inference_benchmark import (  # noqa: E402 - the benchmark folder is not a package
     KeepAliveClient,
-    read_real_mnist,
-    train_default_cnn,
     concurrent_rate,
     free_port,
     http_request,
     launch,
     percentile_ms,
+    read_real_mnist,
     sequential_latencies,
     stop,
+    train_default_cnn,
     wait_until_up,
 )
+
+from mnist_dagster.lifecycle import deploy  # noqa: E402
+from mnist_dagster.lifecycle.assignment import client_share  # noqa: E402
+from mnist_dagster.lifecycle.record import Routing, Strategy, change_record  # noqa: E402
+from mnist_dagster.lifecycle.routing import Router  # noqa: E402
+from mnist_dagster.lifecycle.watcher import Deployment, LoadedModel  # noqa: E402
+from mnist_dagster.scoring.bundle import make_bundle, store_bundle  # noqa: E402
+from mnist_dagster.scoring.preprocess import encode_png  # noqa: E402
+from mnist_dagster.storage import LocalStore  # noqa: E402
 
 REPLACE = {"strategy": "replace"}
 AB_TEST = {"strategy": "ab_test", "challenger_traffic": 0.1}

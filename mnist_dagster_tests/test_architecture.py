@@ -42,7 +42,13 @@ class Room:
 ROOMS = (
     Room("digits", (), (DAGSTER,), why="the image format: everything stands on it"),
     Room("layout", ("digits",), (DAGSTER,), why="the map of the store: names only"),
-    Room("storage", ("digits", "layout"), (DAGSTER, *WEB_FRAMEWORKS), why="the Store, local or S3, under every room"),
+    Room(
+        "storage",
+        ("storage", "digits", "layout"),
+        (DAGSTER, *WEB_FRAMEWORKS),
+        why="where bytes live and how they get there durably (the Store, the journal, its shipper, JSON-lines logs), "
+        "under every room; it knows no prediction or feedback field",
+    ),
     Room(
         "ml",
         ("ml", "digits", "layout"),
@@ -58,17 +64,36 @@ ROOMS = (
     ),
     Room(
         "lifecycle",
-        ("lifecycle", "scoring", "ml.compare", "ml.drift", "ml.cbpe",
-         "serving.prediction_log", "serving.feedback", "serving.jsonl", *GROUND),
+        (
+            "lifecycle",
+            "scoring",
+            "ml.compare",
+            "ml.drift",
+            "ml.cbpe",
+            "serving.prediction_log",
+            "serving.feedback",
+            *GROUND,
+        ),
         (DAGSTER, *WEB_FRAMEWORKS, *HTTP_CLIENTS, "torch", "torchvision", "mlflow"),
-        why="the deployment record and its decisions, as functions of the store: no Dagster, no HTTP, no registry; "
-        "it reads the logs the endpoint writes through their own formats (serving's prediction_log, feedback, jsonl)",
+        why="the deployment record, its decisions as functions of the store, and how a server follows it (watcher, "
+        "routing, shadow): no Dagster, no HTTP, no registry; it reads the logs the endpoint writes through their own "
+        "formats (serving's prediction_log, feedback)",
     ),
     Room(
         "serving",
-        ("serving", "scoring", "lifecycle.record", "lifecycle.assignment", *GROUND),
+        (
+            "serving",
+            "scoring",
+            "lifecycle.record",
+            "lifecycle.assignment",
+            "lifecycle.watcher",
+            "lifecycle.routing",
+            "lifecycle.shadow",
+            *GROUND,
+        ),
         (DAGSTER, "torch", "torchvision", "mlflow"),
-        why="the HTTP process only: it follows the deployment record and its Routing, never Dagster or the training",
+        why="the HTTP process only: routes, their models, the page and the write path; it follows the deployment "
+        "record through lifecycle's watcher, router and shadow scorer, never Dagster or the training",
     ),
     Room(
         "resources",

@@ -10,8 +10,8 @@ import pytest
 
 from mnist_dagster.lifecycle import deploy
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, read_feedback
-from mnist_dagster.serving.jsonl import read_json_lines
 from mnist_dagster.storage import LocalStore
+from mnist_dagster.storage.jsonl import read_json_lines
 from mnist_dagster_tests.serving_support import generated_model, running_server
 from mnist_dagster_tests.support import generated_digits, wait_for
 

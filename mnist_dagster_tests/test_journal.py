@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from mnist_dagster.layout import SERVING_SECRET_KEY
+from mnist_dagster.scoring.preprocess import InputError
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord, latest_labels, read_feedback
 from mnist_dagster.serving.ids import IdSigner, MissingSecret, serving_secret
-from mnist_dagster.serving.journal import Journal, JournalSettings
-from mnist_dagster.serving.jsonl import read_json_lines
-from mnist_dagster.scoring.preprocess import InputError
-from mnist_dagster.serving.shipper import Shipper, ship_segment
 from mnist_dagster.storage import LocalStore
+from mnist_dagster.storage.journal import Journal, JournalSettings
+from mnist_dagster.storage.jsonl import read_json_lines
+from mnist_dagster.storage.shipper import Shipper, ship_segment
 from mnist_dagster_tests.support import wait_for
 
 SECRET = b"a-test-secret-of-32-bytes-length"
@@ -84,7 +84,7 @@ CHILD = """
 import sys
 import threading
 from pathlib import Path
-from mnist_dagster.serving.journal import Journal, JournalSettings
+from mnist_dagster.storage.journal import Journal, JournalSettings
 from mnist_dagster_tests.test_journal import feedback_line
 journal = Journal(JournalSettings(Path(sys.argv[1]), fsync="off", segment_seconds=3600), sys.argv[2])
 for index in range(300):

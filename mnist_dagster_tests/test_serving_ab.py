@@ -1,6 +1,6 @@
 """Champion vs challenger on a real `mnist-dagster serve`: replace, A/B test and shadow, switched at run time
 through the deployment record; every answer and log line names its prediction, arm and model version, and the
-log keeps the image the model saw. The contract is in `mnist_dagster/serving/routing.py`."""
+log keeps the image the model saw. The contract is in `mnist_dagster/lifecycle/routing.py`."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from mnist_dagster.layout import DEPLOYMENT_KEY
-from mnist_dagster.lifecycle.assignment import client_tag
 from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle.assignment import client_share, client_tag
 from mnist_dagster.lifecycle.record import Routing, Strategy, change_record, read_record
+from mnist_dagster.lifecycle.routing import Router
+from mnist_dagster.lifecycle.watcher import Deployment, LoadedModel
 from mnist_dagster.scoring import bundle
 from mnist_dagster.scoring.preprocess import decode_image, encode_png, mnist_format
 from mnist_dagster.serving.prediction_log import logged_image, read_prediction_log
-from mnist_dagster.serving.routing import Router, client_share
-from mnist_dagster.serving.watcher import Deployment, LoadedModel
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.serving_support import generated_model, running_server, untrained_bundle
 from mnist_dagster_tests.support import generated_digits, wait_for

@@ -174,11 +174,8 @@ def predictor():
 def assert_prediction_or_client_error(predictor, body: bytes, content_type: str, batch: bool = False) -> None:
     """The property the server relies on: a valid answer, or `InputError` with a 4xx status."""
     try:
-        results = (
-            service.predict_batch_request(predictor, body, content_type)
-            if batch
-            else [service.predict_request(predictor, body, content_type)]
-        )
+        request = service.predict_batch_request if batch else service.predict_request
+        _, results = request(predictor, body, content_type)
     except InputError as error:
         assert 400 <= error.status < 500 and str(error)
         return

@@ -20,7 +20,7 @@ from mnist_dagster.layout import DEPLOYMENT_KEY
 from mnist_dagster.lifecycle import check, deploy
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.scoring import bundle
-from mnist_dagster.serving import client
+from mnist_dagster.resources import serving as client
 from mnist_dagster.scoring.batch import InboxPlan, commit_shards, plan_shards, score_inbox, score_shard
 
 

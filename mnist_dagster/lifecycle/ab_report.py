@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -40,8 +40,9 @@ from mnist_dagster.lifecycle.sequential import (
 )
 from mnist_dagster.ml.compare import wilson_interval
 from mnist_dagster.serving.feedback import latest_labels
-from mnist_dagster.serving.jsonl import read_json_lines
+from mnist_dagster.serving.prediction_log import read_prediction_log
 from mnist_dagster.storage import Store
+from mnist_dagster.storage.jsonl import read_json_lines
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -96,16 +97,17 @@ def read_trial_logs(store: Store, trial: Trial, now: datetime | None = None) -> 
     """(prediction lines since the trial started, feedback lines from its first day on): only the days
     of the trial are listed, and the first day's lines from before the start are dropped."""
     if trial.started_at is None:
-        return read_json_lines(store, PREDICTION_LOG_PREFIX), read_json_lines(store, FEEDBACK_PREFIX)
+        return read_prediction_log(store), read_json_lines(store, FEEDBACK_PREFIX)
     first = trial.started_at.astimezone(timezone.utc).date()
     last = (now or datetime.now(timezone.utc)).date() + timedelta(days=1)  # a writer's clock a little ahead
     days = [first + timedelta(days=offset) for offset in range((last - first).days + 1)]
 
-    def lines(prefix: str) -> list[dict]:
-        return [line for day in days for line in read_json_lines(store, f"{prefix}/date={day.isoformat()}")]
+    def lines(read: Callable[[Store, str], list[dict]], prefix: str) -> list[dict]:
+        return [line for day in days for line in read(store, f"{prefix}/date={day.isoformat()}")]
 
-    predictions = [line for line in lines(PREDICTION_LOG_PREFIX) if _time(line) >= trial.started_at]
-    return predictions, lines(FEEDBACK_PREFIX)
+    logged = lines(read_prediction_log, PREDICTION_LOG_PREFIX)
+    predictions = [line for line in logged if _time(line) >= trial.started_at]
+    return predictions, lines(read_json_lines, FEEDBACK_PREFIX)
 
 
 def _time(line: dict) -> datetime:

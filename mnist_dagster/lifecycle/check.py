@@ -2,7 +2,7 @@
 
 The gate (`production_digit_classifier`) runs `check_serving_path` BEFORE the deployment record flips,
 so a model that fails it never serves and production stays as it was; `digit_predictions` then checks
-that a running endpoint picked the new version up (`serving.client.check_live_server`). No Dagster, no HTTP.
+that a running endpoint picked the new version up (`resources.serving.check_live_server`). No Dagster, no HTTP.
 The question is faithfulness, not accuracy: each test image goes, as a PNG the way clients send it,
 through the upload recipe behind `POST /predict` (`scoring.preprocess.prepare_upload`), and the answer must be the model's own answer on the
 same pixels (same digit, probabilities within a tolerance). That alone is blind to the recipe: 28x28

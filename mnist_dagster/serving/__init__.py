@@ -1,4 +1,4 @@
-"""Inference without Dagster: the serving bundle, MNIST-style preprocessing, batch scoring, the HTTP service.
-
-Where things live in the store is `mnist_dagster.layout`, shared with the Dagster side.
+"""The HTTP process: routes, their pydantic models, the draw-a-digit page, and the write path (the prediction log,
+feedback, signed prediction ids). It follows the deployment record through `lifecycle` (watcher, routing, shadow),
+scores with `scoring`, and journals through `storage`; no Dagster.
 """

@@ -1,11 +1,11 @@
 """The real-time endpoint: plain FastAPI over the newest serving bundle in the store.
 
-`DigitService` holds the deployment watcher (production, challenger, routing: see `serving/routing.py` for
+`DigitService` holds the deployment watcher (production, challenger, routing: see `lifecycle/routing.py` for
 the contract with the Dagster side), the logs and the shadow scorer; its route methods are ordinary FastAPI
 endpoints, registered in `create_app`. Every answer names its `prediction_id`, `arm` and `model_version`;
 its `prediction_id` is signed (`serving/ids.py`) so that `POST /feedback` on any replica can take the true
-label of one. Predictions and labels are journaled before the answer leaves (`serving/jsonl.py`,
-`serving/journal.py`) and shipped to the store (`serving/shipper.py`).
+label of one. Predictions and labels are journaled before the answer leaves and shipped to the store
+(`storage/jsonl.py`, `storage/journal.py`, `storage/shipper.py`).
 
 One error style: every refusal is raised, as an `InputError` (the client's to fix) or `NoModel`, and
 answered by one handler as `{"detail": message}` with its status; FastAPI's own (404, 405) have that shape.
@@ -34,44 +34,27 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from mnist_dagster.digits import IMAGE_SIDE
+from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
 from mnist_dagster.lifecycle.assignment import client_tag
+from mnist_dagster.lifecycle.routing import Assignment, Router
+from mnist_dagster.lifecycle.shadow import ShadowScorer
+from mnist_dagster.lifecycle.watcher import DeploymentWatcher
 from mnist_dagster.scoring.preprocess import InputError
-from mnist_dagster.serving import page, service
+from mnist_dagster.serving import models, page, service
 from mnist_dagster.serving.feedback import FeedbackLog, FeedbackRecord
-from mnist_dagster.serving.ids import IdSigner
-from mnist_dagster.serving.models import (
-    FEEDBACK_REFUSALS,
-    IMAGE_FILE,
-    MAX_BODY_BYTES,
-    PREDICT_REFUSALS,
-    SUMMARY,
-    TITLE,
-    BatchIn,
-    BatchOut,
-    FeedbackIn,
-    FeedbackOut,
-    HealthOut,
-    PixelsIn,
-    PredictionOut,
-    description,
-    request_body,
-    with_request_schemas,
-)
 from mnist_dagster.serving.guards import FeedbackGuards
-from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord, ShadowAmendments
-from mnist_dagster.serving.routing import CLIENT_KEY_HEADER, Assignment, Router
+from mnist_dagster.serving.ids import IdSigner
+from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
 from mnist_dagster.serving.service import Prediction
-from mnist_dagster.serving.shadow import ShadowScorer
-from mnist_dagster.serving.shipper import Shipper
-from mnist_dagster.serving.watcher import DeploymentWatcher
 from mnist_dagster.storage import Store
+from mnist_dagster.storage.shipper import Shipper
 
 JSON = "application/json"
 NO_MODEL_DETAIL = "no model loaded yet: nothing is deployed in this store (materialize production_digit_classifier)"
 ClientKey = Annotated[
     str | None,
     Header(
-        alias=CLIENT_KEY_HEADER,
+        alias=models.CLIENT_KEY_HEADER,
         description="any stable client id: during an A/B test, the same key always gets the same arm",
     ),
 ]
@@ -82,18 +65,10 @@ class NoModel(Exception):
 
     status = 503
 
-    def __init__(self, message: str = NO_MODEL_DETAIL) -> None:
-        super().__init__(message)
-
 
 def json_response(content: Any, status: int = 200) -> Response:
     """`content` serialised once, by orjson (no `jsonable_encoder` walk, no response-model validation)."""
     return Response(orjson.dumps(content), status_code=status, media_type=JSON)
-
-
-def refused(status: int, message: str) -> Response:
-    """The one error style: `{"detail": message}` with the status, for every refused request."""
-    return json_response({"detail": message}, status)
 
 
 @dataclass
@@ -123,9 +98,7 @@ class DigitService:
         self.router = Router(self.watcher)
         self.logs = logs or Logs()
         # Without a prediction log there is nowhere to put the shadow's digits: no shadow scoring then.
-        # The shadow's digits follow their (already journaled) predictions as amendment lines.
-        amendments = ShadowAmendments(self.logs.predictions) if self.logs.predictions else None
-        self.shadow = ShadowScorer(amendments) if amendments else None  # type: ignore[arg-type]
+        self.shadow = ShadowScorer(self.logs.predictions.record_shadow) if self.logs.predictions else None
         # Without a configured secret the ids are good for this process only (tests, the OpenAPI document).
         self.signer = signer or IdSigner(os.urandom(32))
         self.guards = guards or FeedbackGuards()  # none configured: anyone may post, no rate limit
@@ -134,9 +107,7 @@ class DigitService:
     @asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
         # Started sinks first, sources last; stopped the other way, so the shadow's last digits reach the log.
-        parts = [self.logs.shipper, self.shadow]
-        parts.append(self.watcher)
-        started = [part for part in parts if part is not None]
+        started = [part for part in (self.logs.shipper, self.shadow, self.watcher) if part is not None]
         for part in started:
             part.start()
         try:
@@ -149,11 +120,15 @@ class DigitService:
         """Which model answers this request (see `Router.choose`); raises `NoModel` while none is loaded."""
         assignment = self.router.choose(client_key)
         if assignment is None:
-            raise NoModel()
+            raise NoModel(NO_MODEL_DETAIL)
         return assignment
 
     def issue(
-        self, assignment: Assignment, pixels: np.ndarray, predictions: list[Prediction], endpoint: str,
+        self,
+        assignment: Assignment,
+        pixels: np.ndarray,
+        predictions: list[Prediction],
+        endpoint: str,
         client_key: str | None = None,
         input_path: str | None = None,
         started: float | None = None,
@@ -169,30 +144,24 @@ class DigitService:
         for image, p in zip(images, predictions):
             prediction_id = self.signer.mint(p.model_version, arm, p.digit, now)
             answers.append({**p.as_dict(), "prediction_id": prediction_id, "arm": arm})
-            records.append(
-                PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint, image,
-                                 client=client, input=input_path, latency_ms=latency_ms)  # fmt: skip
-            )
-        if self.logs.predictions is not None and self.logs.predictions.record_many(records):
-            if assignment.shadow is not None and self.shadow is not None:
-                self.shadow.submit(assignment.shadow, images, records)
+            records.append(PredictionRecord(now, prediction_id, arm, p.model_version, p.digit, p.confidence, endpoint,
+                                            image, client=client, input=input_path, latency_ms=latency_ms))  # fmt: skip
+        journaled = self.logs.predictions is not None and self.logs.predictions.record_many(records)
+        if journaled and assignment.shadow is not None and self.shadow is not None:
+            self.shadow.submit(assignment.shadow, images, records)
         return answers
-
-    def answer_predict(self, body: bytes, content_type: str | None, client_key: str | None = None) -> dict[str, Any]:
-        """The answer to `POST /predict`, without the HTTP; raises a refusal."""
-        started = time.perf_counter()
-        assignment = self.assign(client_key)
-        pixels = service.parse_image(body, content_type)
-        predictions = service.predict(assignment.model.predictor, pixels)
-        input_path = "upload" if service.media_type(content_type) in service.IMAGE_TYPES else "json"
-        return self.issue(assignment, pixels, predictions, "predict", client_key, input_path, started)[0]
 
     async def predict(self, request: Request, client_key: ClientKey = None) -> Response:
         """One image: a PNG or JPEG body (`Content-Type: image/png` or `image/jpeg`), or JSON
         `{"pixels": 28 rows of 28 numbers 0-255}`. Images of other sizes and dark-on-light drawings are
         preprocessed the MNIST way (see the description above)."""
-        body = await read_body(request)
-        return json_response(self.answer_predict(body, request.headers.get("content-type"), client_key))
+        body, content_type = await read_body(request), request.headers.get("content-type")
+        started = time.perf_counter()
+        assignment = self.assign(client_key)
+        pixels, predictions = service.predict_request(assignment.model.predictor, body, content_type)
+        input_path = "upload" if service.media_type(content_type) in service.IMAGE_TYPES else "json"
+        answers = self.issue(assignment, pixels, predictions, "predict", client_key, input_path, started)
+        return json_response(answers[0])
 
     async def predict_batch(self, request: Request, client_key: ClientKey = None) -> Response:
         """Up to 256 images in one JSON body, each `{"pixels": ...}` or `{"image_base64": "<PNG or JPEG>"}`;
@@ -201,7 +170,7 @@ class DigitService:
         started = time.perf_counter()
         assignment = self.assign(client_key)
         pixels, predictions = await run_in_threadpool(
-            _parse_and_predict_batch, assignment, body, request.headers.get("content-type")
+            service.predict_batch_request, assignment.model.predictor, body, request.headers.get("content-type")
         )
         input_path = "upload" if b'"image_base64"' in body else "json"  # a mixed batch counts as uploads
         answers = self.issue(assignment, pixels, predictions, "predict/batch", client_key, input_path, started)
@@ -213,7 +182,7 @@ class DigitService:
         the feedback TTL, 503 while the journal is full (the store unreachable for long)."""
         client = self.guards.admit(request)  # 401 without the token, 429 past the rate limit (serving/guards.py)
         body = await read_body(request)
-        feedback = service.parse_json(FeedbackIn, body, request.headers.get("content-type"))
+        feedback = service.parse_json(models.FeedbackIn, body, request.headers.get("content-type"))
         prediction_id, label, now = feedback.prediction_id, feedback.label, time.time()
         issued = self.signer.verify(prediction_id, now)
         record = FeedbackRecord(now, prediction_id, label, issued.arm, issued.model_version, client=client)
@@ -230,7 +199,11 @@ class DigitService:
         shadow = self.shadow.status() if self.shadow else None
         answer = {"status": "ok" if loaded else "no model", **status, "shadow": shadow}
         if self.logs.shipper is not None:
-            answer["journal"] = self.logs.shipper.status()
+            journal = self.logs.shipper.status()
+            refused = journal.pop("refused")
+            journal["dropped_predictions"] = refused.get(PREDICTION_LOG_PREFIX, 0)
+            journal["refused_feedback"] = refused.get(FEEDBACK_PREFIX, 0)
+            answer["journal"] = journal
         return json_response(answer, 200 if loaded else 503)
 
     async def index(self) -> Response:
@@ -245,26 +218,19 @@ class DigitService:
         return Response(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
 
-def _parse_and_predict_batch(
-    assignment: Assignment, body: bytes, content_type: str | None
-) -> tuple[np.ndarray, list[Prediction]]:
-    """`POST /predict/batch`'s CPU work, in a worker thread: the images (N, 28, 28) and their predictions."""
-    pixels = service.parse_batch(body, content_type)
-    return pixels, service.predict(assignment.model.predictor, pixels)
-
-
 async def read_body(request: Request) -> bytes:
-    """The body, refusing more than `MAX_BODY_BYTES` with a 413 in the one error style: before reading where
+    """The body, refusing more than `models.MAX_BODY_BYTES` with a 413 in the one error style: before reading where
     the length is declared, while reading where it is not. (FastAPI's own `max_body_size` answers a declared
     length over the limit in plain text, whatever the app's handlers say.)"""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise InputError(f"body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}", 413)
+    limit = models.MAX_BODY_BYTES
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputError(f"body is {int(declared)} bytes; the limit is {limit}", 413)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise InputError(f"body is over the limit of {MAX_BODY_BYTES} bytes", 413)
+        if size > limit:
+            raise InputError(f"body is over the limit of {limit} bytes", 413)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -275,49 +241,55 @@ async def read_body(request: Request) -> bytes:
 def create_app(
     store: Store,
     poll_seconds: float = 1.0,
-    prediction_log: PredictionLog | None = None,
-    feedback_log: FeedbackLog | None = None,
+    logs: Logs | None = None,
     guards: FeedbackGuards | None = None,
-    shipper: Shipper | None = None,
     signer: IdSigner | None = None,
 ) -> FastAPI:
     """The FastAPI app of a `DigitService` over `store` (kept as `app.state.service`)."""
-    digits = DigitService(store, poll_seconds, Logs(prediction_log, feedback_log, shipper), guards, signer)
-    app = FastAPI(title=TITLE, summary=SUMMARY, description=description(), version="1", lifespan=digits.lifespan)
-    app.state.service, app.state.watcher = digits, digits.watcher
+    digits = DigitService(store, poll_seconds, logs, guards, signer)
+    app = FastAPI(
+        title=models.TITLE,
+        summary=models.SUMMARY,
+        description=models.description(),
+        version="1",
+        lifespan=digits.lifespan,
+    )
+    app.state.service = digits
+    image = models.IMAGE_FILE
     app.post(
         "/predict",
-        response_model=PredictionOut,
-        responses=PREDICT_REFUSALS,
-        openapi_extra=request_body({"image/png": IMAGE_FILE, "image/jpeg": IMAGE_FILE, JSON: PixelsIn}),
+        response_model=models.PredictionOut,
+        responses=models.PREDICT_REFUSALS,
+        openapi_extra=models.request_body({"image/png": image, "image/jpeg": image, JSON: models.PixelsIn}),
     )(digits.predict)
     app.post(
         "/predict/batch",
-        response_model=BatchOut,
-        responses=PREDICT_REFUSALS,
-        openapi_extra=request_body({JSON: BatchIn}),
+        response_model=models.BatchOut,
+        responses=models.PREDICT_REFUSALS,
+        openapi_extra=models.request_body({JSON: models.BatchIn}),
     )(digits.predict_batch)
     app.post(
         "/feedback",
         status_code=202,
-        response_model=FeedbackOut,
-        responses=FEEDBACK_REFUSALS,
-        openapi_extra=request_body({JSON: FeedbackIn}),
+        response_model=models.FeedbackOut,
+        responses=models.FEEDBACK_REFUSALS,
+        openapi_extra=models.request_body({JSON: models.FeedbackIn}),
     )(digits.feedback)
-    app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})(digits.health)
+    app.get("/health", response_model=models.HealthOut, responses={503: {"model": models.HealthOut}})(digits.health)
     app.get("/", include_in_schema=False)(digits.index)
     app.get("/static/{name}", include_in_schema=False)(digits.static_file)
     app.add_exception_handler(InputError, _refusal)
     app.add_exception_handler(NoModel, _refusal)
     app.add_exception_handler(ClientDisconnect, _gone)
-    app.openapi = with_request_schemas(app)
+    app.openapi = models.with_request_schemas(app)
     return app
 
 
 async def _refusal(_request: Request, error: Exception) -> Response:
-    return refused(error.status, str(error))
+    """The one error style: `{"detail": message}` with the status, for every refused request."""
+    return json_response({"detail": str(error)}, error.status)
 
 
 async def _gone(_request: Request, _error: Exception) -> Response:
     """A client that hung up mid-body: nobody reads the answer, and it is no server error either."""
-    return refused(400, "the client disconnected before sending the whole body")
+    return json_response({"detail": "the client disconnected before sending the whole body"}, 400)

@@ -3,7 +3,7 @@
     mnist-dagster serve [--host 127.0.0.1] [--port 8000] [--store LOCATION]
 
 Serves the models the deployment record `deployment.json` names (production, and a challenger as its
-routing says; see `serving/routing.py`), following every change of it without a restart; journals
+routing says; see `lifecycle/routing.py`), following every change of it without a restart; journals
 predictions and client feedback on local disk before answering and ships them to `prediction_log/` and
 `feedback/` (see docs/write-path.md). `GET /` is a page to draw a digit on.
 
@@ -25,14 +25,14 @@ from pathlib import Path
 
 import uvicorn
 
-from mnist_dagster.serving.app import create_app
+from mnist_dagster.serving.app import Logs, create_app
 from mnist_dagster.serving.feedback import FeedbackLog
 from mnist_dagster.serving.guards import FeedbackGuards, GuardSettings
 from mnist_dagster.serving.ids import IdSigner, serving_secret
-from mnist_dagster.serving.journal import FSYNC_MODES, Journal, JournalSettings
 from mnist_dagster.serving.prediction_log import PredictionLog
-from mnist_dagster.serving.shipper import Shipper
 from mnist_dagster.storage import default_data_dir, open_store
+from mnist_dagster.storage.journal import FSYNC_MODES, Journal, JournalSettings
+from mnist_dagster.storage.shipper import Shipper
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,15 +109,9 @@ def serve(args: argparse.Namespace) -> None:
     )
     journal = Journal(settings, store.uri(""))
     prediction_log = None if args.no_prediction_log else PredictionLog(store, journal=journal)
-    app = create_app(
-        store,
-        poll_seconds=args.poll_seconds,
-        prediction_log=prediction_log,
-        feedback_log=FeedbackLog(store, journal=journal),
-        shipper=Shipper(store, journal, poll_seconds=min(1.0, args.log_flush_seconds)),
-        signer=signer,
-        guards=feedback_guards(args),
-    )
+    shipper = Shipper(store, journal, poll_seconds=min(1.0, args.log_flush_seconds))
+    logs = Logs(prediction_log, FeedbackLog(store, journal=journal), shipper)
+    app = create_app(store, args.poll_seconds, logs, feedback_guards(args), signer)
     logging.getLogger("mnist_dagster.serving").info(
         "Serving the deployment recorded in %s; journal %s (fsync %s)", location, journal.folder, settings.fsync
     )

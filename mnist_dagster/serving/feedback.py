@@ -2,7 +2,7 @@
 
 A prediction id proves itself (`serving/ids.py`: signed, carrying the arm, model version and time), so any
 replica accepts feedback for a prediction any replica made, and the feedback line says which model it judges
-without a join. Each accepted post is journaled before the 202 leaves (`serving/jsonl.py`) and shipped under
+without a join. Each accepted post is journaled before the 202 leaves (`storage/jsonl.py`) and shipped under
 `feedback/`:
 
     feedback/date=YYYY-MM-DD/<UTC time sealed>-<host>-<pid>-<start>-<sequence>.jsonl
@@ -26,9 +26,9 @@ from datetime import datetime
 from typing import Any
 
 from mnist_dagster.layout import FEEDBACK_PREFIX
-from mnist_dagster.serving.journal import Journal
-from mnist_dagster.serving.jsonl import JsonLinesLog, read_json_lines
 from mnist_dagster.storage import Store
+from mnist_dagster.storage.journal import Journal
+from mnist_dagster.storage.jsonl import JsonLinesLog, read_json_lines
 
 
 @dataclass(frozen=True, slots=True)

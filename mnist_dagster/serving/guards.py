@@ -1,24 +1,12 @@
-"""Guards on `POST /feedback`: an optional bearer token and a per-client rate limit.
+"""Guards on `POST /feedback`: an optional bearer token and a per-client rate limit (docs/feedback-guards.md).
 
-Labels flow from `/feedback` into `landing/` and so into retraining; these two guards decide who may post
-them and how fast. (What a batch of labels looks like is judged later, in `lifecycle/landing.py`.)
-
-- **Token.** With `MNIST_FEEDBACK_TOKEN` set, a post needs `Authorization: Bearer <token>`; a missing or
-  wrong one gets 401 with `WWW-Authenticate: Bearer`. The comparison is in constant time (of SHA-256
-  digests, so not even the token's length leaks). The token comes from the environment only (a command-line
-  flag would show in `ps`) and is never logged or shown in a repr. The draw-a-digit page is given the token
-  only where the operator allows it (`MNIST_PAGE_SENDS_FEEDBACK_TOKEN=1` or `--page-sends-feedback-token`):
-  anyone who can load the page can then read it. Otherwise the page says that feedback needs a token.
-- **Rate limit.** A token bucket per client: `rate_per_minute` posts a minute on average, up to `burst` at
-  once; past it, 429 with `Retry-After` (whole seconds until the next post is allowed). Off unless a rate
-  is set (`MNIST_FEEDBACK_RATE_PER_MINUTE`, `--feedback-rate-per-minute`). The token is checked first, so
-  posts without the token cannot use up an honest client's bucket.
-
-The client is the `X-Client-Key` header where one is sent (the page sends a random key per browser), else
-the peer address (behind a proxy, uvicorn takes it from `X-Forwarded-For` for the addresses in
-`FORWARDED_ALLOW_IPS`). It is recorded with each label as `key:<key>` or `addr:<address>`, so that
-feedback -> landing can judge clients one by one. A client can choose a new key for every post: the rate
-limit holds back one client, not many that pretend to be different ones.
+Labels flow from `/feedback` into `landing/` and so into retraining: these guards decide who may post them and
+how fast (what a batch of labels looks like is judged later, in `lifecycle/landing.py`). The token comes from
+the environment only (a flag would show in `ps`), is never logged or shown in a repr, is compared in constant
+time (of SHA-256 digests, so not even its length leaks), and is checked before the rate limit, so posts
+without it cannot use up an honest client's bucket. The page is given the token only where the operator allows
+it (anyone who loads the page can read it). The client, recorded with each label so that feedback -> landing
+can judge clients one by one, is `key:<X-Client-Key>` where one is sent, else `addr:<peer address>`.
 """
 
 from __future__ import annotations
@@ -36,7 +24,7 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException, Request
 
 from mnist_dagster.serving import page
-from mnist_dagster.serving.routing import CLIENT_KEY_HEADER
+from mnist_dagster.serving.models import CLIENT_KEY_HEADER
 
 TOKEN_ENV = "MNIST_FEEDBACK_TOKEN"
 PAGE_SENDS_TOKEN_ENV = "MNIST_PAGE_SENDS_FEEDBACK_TOKEN"

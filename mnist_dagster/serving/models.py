@@ -21,11 +21,10 @@ from mnist_dagster.scoring import preprocess
 
 MAX_BATCH = 256
 MAX_BODY_BYTES = 1_000_000
+CLIENT_KEY_HEADER = "X-Client-Key"  # any stable client id: the same arm all through an A/B trial
 
 
 # ----- requests ---------------------------------------------------------------------------------------
-
-
 class RequestBody(BaseModel):
     """A JSON request body: no unknown fields, no coercion (`"7"` is not 7, `7.0` is not a label)."""
 
@@ -89,8 +88,6 @@ FIELD_RULES = {name: field.description for model in REQUEST_MODELS for name, fie
 
 
 # ----- responses --------------------------------------------------------------------------------------
-
-
 class PredictionOut(BaseModel):
     digit: int = Field(ge=0, le=9, description="the predicted digit")
     confidence: float = Field(ge=0, le=1, description="probability of the predicted digit")

@@ -1,6 +1,6 @@
 """What the service served, for monitoring: one JSON line per prediction under `prediction_log/`, journaled
-before the answer leaves and shipped to the store by the shared writer (`serving/jsonl.py`, `serving/journal.py`,
-`serving/shipper.py`).
+before the answer leaves and shipped to the store by the shared writer (`storage/jsonl.py`, `storage/journal.py`,
+`storage/shipper.py`).
 
     prediction_log/date=YYYY-MM-DD/<UTC time sealed>-<host>-<pid>-<start>-<sequence>.jsonl
 
@@ -15,7 +15,7 @@ One line per prediction, keys in this order:
 
 In shadow mode the challenger scores a request after it was answered (and journaled), so its digit follows as
 an amendment line, `{"time": the prediction's, "prediction_id", "shadow_digit", "shadow_version", "amends":
-"prediction"}`, which `read_json_lines` folds into the prediction's line (same day folder, a later or the
+"prediction"}`, which `read_prediction_log` folds into the prediction's line (same day folder, a later or the
 same object). Readers that parse objects themselves skip it: it has no `model_version` and no `image`.
 
 `image` is what the model actually saw: the preprocessed 28x28 image (white digit on black, MNIST
@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from mnist_dagster.digits import IMAGE_SHAPE
 from mnist_dagster.layout import PREDICTION_LOG_PREFIX
-from mnist_dagster.serving.journal import Journal
-from mnist_dagster.serving.jsonl import AMENDS, JsonLinesLog, iso_utc, json_line, read_json_lines
 from mnist_dagster.storage import Store, StoredObject
+from mnist_dagster.storage.journal import STAMP_FORMAT, Journal
+from mnist_dagster.storage.jsonl import JsonLinesLog, iso_utc, json_line, read_json_lines
 
-IMAGE_SHAPE = (28, 28)
-STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # how the shipper names its objects: 22 characters, sorting by time
+AMENDS = "amends"  # an amendment line's marker: its fields are merged into the line of its prediction_id
 
 
 @dataclass(slots=True)
@@ -61,8 +61,8 @@ class PredictionRecord:
     input: str | None = None  # "json" pixels or an image "upload": drift judges each path on its own
     latency_ms: float | None = None  # the request's time in the server: the A/B report's p99 guardrail
 
-    def fields(self) -> dict[str, Any]:
-        """The line's fields but `time` and `image`."""
+    def line(self) -> dict[str, Any]:
+        """The line's fields but `time` and `image` (`PredictionLog.encode` encodes a batch's images at once)."""
         fields = {
             "prediction_id": self.prediction_id,
             "arm": self.arm,
@@ -83,15 +83,11 @@ class PredictionRecord:
             fields["latency_ms"] = self.latency_ms
         return fields
 
-    def line(self, image: str | None = None) -> dict[str, Any]:
-        """The line's fields but `time`; `image` when the writer already encoded it with a whole batch."""
-        return {**self.fields(), "image": image if image is not None else encode_images(self.pixels[None])[0]}
-
 
 def encode_images(pixels: np.ndarray) -> list[str]:
     """float (N, 28, 28) in [0, 1] -> base64 of each image's 784 uint8 grey levels (a sixth of the size of
     the JSON numbers), in one numpy pass for the lot."""
-    grey = np.rint(np.clip(pixels.reshape(-1, 784), 0.0, 1.0) * 255).astype(np.uint8)
+    grey = np.rint(np.clip(pixels.reshape(len(pixels), -1), 0.0, 1.0) * 255).astype(np.uint8)
     return [base64.b64encode(row).decode("ascii") for row in grey]
 
 
@@ -112,7 +108,7 @@ class PredictionLog(JsonLinesLog):
         JSON encoder: a third of the cost of a line."""
         pixels = records[0].pixels[None] if len(records) == 1 else np.stack([record.pixels for record in records])
         return b"".join(
-            json_line({"time": iso_utc(record.time), **record.fields()})[:-2] + b',"image":"' + image.encode() + b'"}\n'
+            json_line({"time": iso_utc(record.time), **record.line()})[:-2] + b',"image":"' + image.encode() + b'"}\n'
             for record, image in zip(records, encode_images(pixels))
         )
 
@@ -124,17 +120,6 @@ class PredictionLog(JsonLinesLog):
             for r in records if r.shadow_version is not None
         ]  # fmt: skip
         return self.journal.append(self.prefix, b"".join(lines), len(lines)) if lines else True
-
-
-class ShadowAmendments:
-    """What the shadow scorer hands its scored records to: they were journaled when answered, so only the
-    challenger's digit is added (a record the shadow could not score has nothing to add)."""
-
-    def __init__(self, log: PredictionLog) -> None:
-        self.log = log
-
-    def record(self, record: PredictionRecord) -> None:
-        self.log.record_shadow([record])
 
 
 def object_stamp(key: str) -> str:
@@ -167,5 +152,17 @@ def decode_images(values: list[str]) -> np.ndarray:
 
 
 def read_prediction_log(store: Store, prefix: str = PREDICTION_LOG_PREFIX) -> list[dict]:
-    """Every logged prediction, oldest object first: what a monitoring job reads."""
-    return read_json_lines(store, prefix)
+    """Every logged prediction, oldest object first, amendments folded into the line they amend (one whose
+    line is not found is passed over): what a monitoring job reads."""
+    records: list[dict] = []
+    by_id: dict[str, dict] = {}
+    for line in read_json_lines(store, prefix):
+        if AMENDS in line:
+            target = by_id.get(line.get("prediction_id", ""))
+            if target is not None:
+                target.update({k: v for k, v in line.items() if k not in {AMENDS, "time"}})
+            continue
+        records.append(line)
+        if "prediction_id" in line:
+            by_id[line["prediction_id"]] = line
+    return records

@@ -148,11 +148,15 @@ def _prediction(probabilities: np.ndarray, version: str) -> Prediction:
     return Prediction(digit, rounded[digit], rounded, version)
 
 
-def predict_request(predictor: Predictor, body: bytes, content_type: str | None) -> Prediction:
-    """`POST /predict` without the HTTP."""
-    return predict(predictor, parse_image(body, content_type))[0]
+def predict_request(predictor: Predictor, body: bytes, content_type: str | None) -> tuple[np.ndarray, list[Prediction]]:
+    """`POST /predict` without the HTTP: the image the model saw (28, 28) and its one prediction."""
+    pixels = parse_image(body, content_type)
+    return pixels, predict(predictor, pixels)
 
 
-def predict_batch_request(predictor: Predictor, body: bytes, content_type: str | None) -> list[Prediction]:
-    """`POST /predict/batch` without the HTTP."""
-    return predict(predictor, parse_batch(body, content_type))
+def predict_batch_request(
+    predictor: Predictor, body: bytes, content_type: str | None
+) -> tuple[np.ndarray, list[Prediction]]:
+    """`POST /predict/batch` without the HTTP: the images the model saw (N, 28, 28) and their predictions."""
+    pixels = parse_batch(body, content_type)
+    return pixels, predict(predictor, pixels)

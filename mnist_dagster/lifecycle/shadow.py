@@ -1,13 +1,14 @@
 """Shadow scoring: the challenger scores what production answered, off the request path.
 
-In shadow mode a request is answered by production as usual; its preprocessed images and their log
-records are handed to `ShadowScorer.submit`, which only enqueues. One background thread takes what is
-queued, scores it with the challenger in batches (it lingers up to a tenth of a second to gather up to
-`max_batch` images for one ONNX call: a few times less CPU per image than one call each, so the shadow
-takes little from the production path it shares the machine with), writes `shadow_digit` and `shadow_version` into the records and hands them to the
-prediction log. The queue is bounded in images (`max_images`): when it is full the request's records
-are logged at once without the shadow's digit and counted as dropped, so the request never waits and
-no prediction goes unlogged. On Linux the worker runs at a lower priority (nice +10; the challenger's
+In shadow mode a request is answered by production as usual and its predictions journaled; its preprocessed
+images and their log records are handed to `ShadowScorer.submit`, which only enqueues. One background thread
+takes what is queued, scores it with the challenger in batches (it lingers up to a tenth of a second to gather
+up to `max_batch` images for one ONNX call: a few times less CPU per image than one call each, so the shadow
+takes little from the production path it shares the machine with), writes `shadow_digit` and `shadow_version`
+into the records and hands them to `record_shadow` (the endpoint's prediction log journals them as amendment
+lines of the predictions). The queue is bounded in images
+(`max_images`): past it a request's images are not shadow-scored, only counted as dropped, so the request
+never waits. On Linux the worker runs at a lower priority (nice +10; the challenger's
 ONNX session runs on the worker's own thread): on a busy machine production gets the CPU first and the
 shadow drops what it cannot keep up with, rather than the other way round.
 """
@@ -20,22 +21,24 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mnist_dagster.serving.prediction_log import PredictionLog, PredictionRecord
-from mnist_dagster.serving.watcher import LoadedModel
+from mnist_dagster.digits import IMAGE_SHAPE
+from mnist_dagster.lifecycle.watcher import LoadedModel
+from mnist_dagster.serving.prediction_log import PredictionRecord
 
-logger = logging.getLogger("mnist_dagster.serving")
+logger = logging.getLogger("mnist_dagster.lifecycle")
 
 
 @dataclass(frozen=True)
 class _Job:
     model: LoadedModel
     pixels: np.ndarray  # float32 (N, 28, 28), the images production saw
-    records: list[PredictionRecord]  # one per image, logged once scored
+    records: list[PredictionRecord]  # one per image, amended once scored
 
 
 _STOP = object()
@@ -44,12 +47,12 @@ _STOP = object()
 class ShadowScorer:
     def __init__(
         self,
-        prediction_log: PredictionLog,
+        record_shadow: Callable[[list[PredictionRecord]], object],
         max_images: int = 2048,
         max_batch: int = 64,
         linger_seconds: float = 0.1,
     ) -> None:
-        self.prediction_log, self.max_images, self.max_batch = prediction_log, max_images, max_batch
+        self.record_shadow, self.max_images, self.max_batch = record_shadow, max_images, max_batch
         self.linger_seconds = linger_seconds
         self.scored = self.dropped = self.failed = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -58,7 +61,7 @@ class ShadowScorer:
         self._thread: threading.Thread | None = None
 
     def submit(self, model: LoadedModel, pixels: np.ndarray, records: list[PredictionRecord]) -> None:
-        """On the request path: enqueue for the challenger, or (queue full) log the records as they are."""
+        """On the request path: enqueue for the challenger, or (queue full) count them as dropped."""
         with self._lock:
             accepted = self._queued_images + len(records) <= self.max_images
             if accepted:
@@ -66,9 +69,7 @@ class ShadowScorer:
             else:
                 self.dropped += len(records)
         if accepted:
-            self._queue.put(_Job(model, pixels.reshape(-1, 28, 28), records))
-        else:
-            self._log(records)
+            self._queue.put(_Job(model, pixels.reshape(-1, *IMAGE_SHAPE), records))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="shadow-scorer", daemon=True)
@@ -116,24 +117,20 @@ class ShadowScorer:
             try:
                 probabilities = model.predictor.predict_proba(np.concatenate([job.pixels for job in batch])[:, None])
                 digits = probabilities.argmax(axis=1).tolist()
-            except Exception:  # noqa: BLE001 - a challenger failure must not cost production its log lines
-                logger.exception("shadow scoring with challenger %s failed; logging without it", model.version)
+            except Exception:  # noqa: BLE001 - a challenger failure must not stop the shadow
+                logger.exception("shadow scoring with challenger %s failed", model.version)
                 digits = None
             records = [record for job in batch for record in job.records]
-            for index, record in enumerate(records):
-                if digits is not None:
-                    record.shadow_digit, record.shadow_version = digits[index], model.version
-            self._log(records)
+            if digits is not None:
+                for record, digit in zip(records, digits):
+                    record.shadow_digit, record.shadow_version = digit, model.version
+                self.record_shadow(records)
             with self._lock:
                 self._queued_images -= len(records)
                 if digits is None:
                     self.failed += len(records)
                 else:
                     self.scored += len(records)
-
-    def _log(self, records: list[PredictionRecord]) -> None:
-        for record in records:
-            self.prediction_log.record(record)
 
 
 SHADOW_NICENESS = 10

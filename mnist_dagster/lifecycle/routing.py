@@ -1,13 +1,15 @@
-"""Champion vs challenger: which model answers a request, from the deployment in force.
+"""Champion vs challenger: which model answers a request, from the deployment in force (the contract between
+the deployment record and a server).
 
-The deployment record (`lifecycle/record.py`) names production, the challenger and the routing;
-`DeploymentWatcher` keeps the loaded `Deployment`. Here:
+The deployment record (`record.py`) names production, the challenger and the routing; `DeploymentWatcher`
+(`watcher.py`) keeps the loaded `Deployment`. Here:
 
 - `replace`: production answers everything.
-- `ab_test`: a share `challenger_traffic` of clients is answered by the challenger. A request with an
-  `X-Client-Key` header always gets the same arm within a trial (sha256 of trial id + key -> a number in
-  [0, 1); below the share => challenger). The hash is salted with the trial id, so each trial draws its own
-  audience rather than showing the same clients every challenger. A request without a key gets a random draw.
+- `ab_test`: a share `challenger_traffic` of clients is answered by the challenger. A request with a client
+  key (the `X-Client-Key` header) always gets the same arm within a trial (`assignment.client_share`: sha256
+  of trial id + key -> a number in [0, 1); below the share => challenger). The hash is salted with the trial
+  id, so each trial draws its own audience rather than showing the same clients every challenger. A request
+  without a key gets a random draw.
 - `shadow`: production answers everything; the challenger also scores the same preprocessed image off the
   request path, and its digit is recorded in the prediction log (`shadow_digit`, `shadow_version`).
 - While the record names a challenger that is not loaded (refused, or still loading), production answers.
@@ -19,20 +21,11 @@ A/B test, one hash or random draw (cheap enough for every request).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from mnist_dagster.lifecycle import assignment
+from mnist_dagster.lifecycle.assignment import client_share
 from mnist_dagster.lifecycle.record import CHALLENGER, PRODUCTION, Strategy
-from mnist_dagster.serving.watcher import Deployment, DeploymentWatcher, LoadedModel
-
-CLIENT_KEY_HEADER = "X-Client-Key"
-
-
-def client_share(client_key: str, salt: str = "") -> float:
-    """A client key -> a number in [0, 1), the same for the same key within a trial (`salt`: its id) on
-    every server and every run, and drawn afresh for each trial (`lifecycle.assignment.client_share`, the
-    function the A/B benchmark assigns its simulated clients with)."""
-    return assignment.client_share(client_key, salt)
+from mnist_dagster.lifecycle.watcher import Deployment, DeploymentWatcher, LoadedModel
 
 
 def goes_to_challenger(share: float, client_key: str | None, salt: str = "") -> bool:
@@ -42,16 +35,11 @@ def goes_to_challenger(share: float, client_key: str | None, salt: str = "") -> 
 
 @dataclass(frozen=True)
 class Assignment:
-    """Who answers a request (`arm`, `model`) and who scores it in the shadow; `label` is the
-    (arm, version) pair recorded per prediction, one shared tuple per assignment."""
+    """Who answers a request (`arm`, `model`) and who scores it in the shadow."""
 
     arm: str
     model: LoadedModel
     shadow: LoadedModel | None = None
-    label: tuple[str, str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "label", (self.arm, self.model.version))
 
 
 @dataclass(frozen=True)

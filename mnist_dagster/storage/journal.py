@@ -1,9 +1,9 @@
-"""The local append-only journal: what the endpoint answered is on local disk before the answer leaves.
+"""The local append-only journal: what a process acknowledged is on local disk before the answer leaves.
 
-Every answered prediction and every acknowledged label is one JSON line, appended with one `os.write` to
-the open segment of its stream (a stream per store prefix: `prediction_log`, `feedback`) before the HTTP
-answer is sent. Once `write()` returned, the bytes are in the kernel: a crash of the process (SIGKILL,
-OOM kill) loses nothing acknowledged. What power loss may lose depends on `MNIST_JOURNAL_FSYNC`:
+A caller appends whole JSON lines with one `os.write` to the open segment of a stream (a stream per store
+prefix; the endpoint's are `prediction_log` and `feedback`) before it answers. Once `write()` returned, the
+bytes are in the kernel: a crash of the process (SIGKILL, OOM kill) loses nothing acknowledged. What power
+loss may lose depends on `MNIST_JOURNAL_FSYNC`:
 
     always    fsync after every append, on the request path: nothing acknowledged is lost, at a disk flush
               per request
@@ -19,10 +19,10 @@ Layout: one folder per process, so replicas and restarts never share a file,
         <stream>+<sequence>+<sealed UTC stamp>.sealed   closed, fsynced, waiting for the shipper
 
 A segment is sealed (fsync, close, rename, fsync of the folder) when it reaches `segment_bytes` or is
-`segment_seconds` old; the shipper (`serving/shipper.py`) moves sealed segments to the store and deletes
+`segment_seconds` old; the shipper (`storage/shipper.py`) moves sealed segments to the store and deletes
 them. The bytes held on disk (this process's segments and any adopted from a dead one) are bounded by
-`max_bytes`: past it `append` refuses and the caller decides (the feedback route answers 503, a prediction
-is still answered and counted as dropped).
+`max_bytes`: past it `append` refuses and the caller decides (the endpoint's feedback route answers 503, a
+prediction is still answered and counted as dropped).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-logger = logging.getLogger("mnist_dagster.serving")
+logger = logging.getLogger("mnist_dagster.storage")
 
 FSYNC_MODES = ("always", "interval", "off")
 STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # 22 characters, sorting by time: the store objects' names start with it
@@ -240,9 +240,9 @@ class Journal:
         """Closes the open segments `due(segment)` picks: fsync, close, rename to `.sealed`, fsync of the folder."""
         with self._lock:
             taken = {stream: s for stream, s in self._open.items() if due(s)}
-            for stream in taken:
+            for stream, segment in taken.items():
                 del self._open[stream]
-                self._dirty.discard(taken[stream].fd)
+                self._dirty.discard(segment.fd)
         sealed = [self._seal_file(segment) for segment in taken.values()]
         if sealed:
             if self.settings.fsync != "off":
@@ -255,9 +255,6 @@ class Journal:
             os.fsync(segment.fd)
         os.close(segment.fd)
         return seal_path(segment.path)
-
-    def sealed_segments(self) -> list[Path]:
-        return sorted(self.folder.glob(f"*{SEALED_SUFFIX}"))
 
     def hold(self, size: int) -> None:
         """Counts an adopted segment (a dead process's) against the budget until it is shipped."""

@@ -5,8 +5,8 @@ becomes one object per day of its rows:
 
     <stream>/date=YYYY-MM-DD/<sealed stamp>-<host>-<pid>-<start>-<sequence>.jsonl
 
-(`prediction_log/...`, `feedback/...`): the same JSON lines, in the same folders, named the way the readers
-expect (`prediction_log.object_stamp`: the UTC stamp first, so names sort by time). The name is a function
+(`prediction_log/...`, `feedback/...`): the same JSON lines, in the same folders, the UTC stamp first so that
+names sort by time (a reader's cursor, see serving's `prediction_log.object_stamp`). The name is a function
 of the segment alone, so an upload that is retried (the store failed, or the process died between the upload
 and the delete) overwrites the same object with the same bytes: no row is ever stored twice. A segment is
 deleted only after every one of its objects was written.
@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from mnist_dagster.layout import FEEDBACK_PREFIX, PREDICTION_LOG_PREFIX
-from mnist_dagster.serving.journal import (
+from mnist_dagster.storage.journal import (
     LOCK_FILE,
     OPEN_SUFFIX,
     SEALED_SUFFIX,
@@ -42,9 +41,9 @@ from mnist_dagster.serving.journal import (
     parse_segment_name,
     seal_path,
 )
-from mnist_dagster.storage import Store
+from mnist_dagster.storage.store import Store
 
-logger = logging.getLogger("mnist_dagster.serving")
+logger = logging.getLogger("mnist_dagster.storage")
 
 TIME_PREFIX = b'{"time":"'  # every journal line starts so (compact JSON, `time` first): the day is bytes 9-19
 
@@ -209,7 +208,7 @@ class Shipper:
         os.close(self._adopted.pop(folder))
 
     def status(self) -> dict[str, Any]:
-        """The journal and shipping, for `/health`."""
+        """The journal and shipping, for a health check; `refused`: rows not journaled (it was full), per stream."""
         journal = self.journal.status()
         return {
             "fsync": journal.fsync,
@@ -219,7 +218,6 @@ class Shipper:
             "waiting_segments": self.waiting(),
             "shipped_rows": self.shipped_rows,
             "adopted_segments": self.adopted_segments,
-            "dropped_predictions": journal.refused.get(PREDICTION_LOG_PREFIX, 0),
-            "refused_feedback": journal.refused.get(FEEDBACK_PREFIX, 0),
+            "refused": journal.refused,
             "store_error": self.last_error,
         }

@@ -1,37 +1,29 @@
-"""JSON-lines logs in the store, written through the local journal: the one writer behind the prediction log
-and the feedback log.
+"""JSON-lines logs in the store, written through the local journal: the one writer behind the endpoint's
+prediction log and feedback log.
 
 `record` encodes a record as one compact JSON line (`time` first, as ISO 8601 UTC) and appends it to the
-journal (`serving/journal.py`) with one `os.write`, on the caller's thread: when it returns True the line is
-in the kernel, and the HTTP answer may leave. The shipper (`serving/shipper.py`) moves sealed journal
+journal (`storage/journal.py`) with one `os.write`, on the caller's thread: when it returns True the line is
+in the kernel, and the HTTP answer may leave. The shipper (`storage/shipper.py`) moves sealed journal
 segments to the store as
 
     <prefix>/date=YYYY-MM-DD/<UTC time sealed>-<host>-<pid>-<start>-<sequence>.jsonl
 
 New objects rather than appends, because S3 cannot append; several replicas log to the same store without
 colliding. A log built without a journal (tests and scripts that write a log directly) makes a private one
-and `flush()` seals and ships it at once.
-
-Readers: `read_json_lines` folds amendment lines (`"amends": "prediction"`: the shadow's digit for a
-prediction journaled before the challenger scored it) into the line they amend.
+and `flush()` seals and ships it at once. `read_json_lines` reads the lines back, oldest object first.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from mnist_dagster.serving.journal import Journal, JournalSettings, default_journal_dir
-from mnist_dagster.serving.shipper import Shipper
-from mnist_dagster.storage import Store
-
-logger = logging.getLogger("mnist_dagster.serving")
-
-AMENDS = "amends"  # an amendment line's marker: its fields are merged into the line of its prediction_id
+from mnist_dagster.storage.journal import Journal, JournalSettings, default_journal_dir
+from mnist_dagster.storage.shipper import Shipper
+from mnist_dagster.storage.store import Store
 
 
 class LogRecord(Protocol):
@@ -104,23 +96,11 @@ def iso_utc(unix_time: float) -> str:
 
 
 def read_json_lines(store: Store, prefix: str) -> list[dict]:
-    """Every line logged under `prefix`, oldest object first (keys sort by day, then time written), with
-    amendments folded into the line they amend (an amendment whose line is not found is passed over)."""
-    records: list[dict] = []
-    by_id: dict[str, dict] = {}
-    for item in store.list(prefix):
-        if not item.key.endswith(".jsonl"):
-            continue
-        for raw in store.read_bytes(item.key).splitlines():
-            if not raw.strip():
-                continue
-            line = json.loads(raw)
-            if AMENDS in line:
-                target = by_id.get(line.get("prediction_id", ""))
-                if target is not None:
-                    target.update({k: v for k, v in line.items() if k not in {AMENDS, "time"}})
-                continue
-            records.append(line)
-            if "prediction_id" in line:
-                by_id[line["prediction_id"]] = line
-    return records
+    """Every line logged under `prefix`, oldest object first (keys sort by day, then time written)."""
+    return [
+        json.loads(raw)
+        for item in store.list(prefix)
+        if item.key.endswith(".jsonl")
+        for raw in store.read_bytes(item.key).splitlines()
+        if raw.strip()
+    ]

@@ -1,6 +1,6 @@
-"""The endpoint follows the deployment record: which versions to load, and how to split traffic.
+"""A serving process follows the deployment record: which versions to load, and how to split traffic.
 
-`DeploymentWatcher` polls `deployment.json` (`lifecycle/record.py`) off the request path. When the
+`DeploymentWatcher` polls `deployment.json` (`record.py`) off the request path. When the
 record names a version that is not loaded, its immutable bundle is read, verified and self-tested in the
 poll thread, then the whole `Deployment` (production, challenger, routing, trial) is swapped in with one
 assignment, so a request sees the old state or the new one, never a mix. A bundle that fails to load is
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,7 +21,7 @@ from mnist_dagster.lifecycle.record import DeploymentRecord, Routing, read_recor
 from mnist_dagster.scoring.bundle import BundleError, Predictor, load
 from mnist_dagster.storage import Store
 
-logger = logging.getLogger("mnist_dagster.serving")
+logger = logging.getLogger("mnist_dagster.lifecycle")
 
 
 @dataclass(frozen=True)
@@ -40,28 +40,32 @@ class Deployment:
 
     production: LoadedModel | None = None
     challenger: LoadedModel | None = None  # None also while the record's challenger is refused or not loaded
-    routing: Routing = Routing()
+    routing: Routing = field(default_factory=Routing)
     trial_id: str | None = None
 
 
-class Poller:
-    """A daemon thread that calls `refresh()` every `poll_seconds` (and once, synchronously, on `start`),
-    so every store read stays off the request path."""
+class DeploymentWatcher:
+    """Keeps `current` (a `Deployment`) in step with the record, from a daemon thread that calls `refresh()`
+    every `poll_seconds` (and once, synchronously, on `start`), so every store read stays off the request
+    path. `challenger_threads`: ONNX Runtime threads for the challenger (1: its shadow batches never take
+    more than one core from production)."""
 
-    thread_name = "poller"
-
-    def __init__(self, poll_seconds: float) -> None:
-        self.poll_seconds = poll_seconds
+    def __init__(
+        self, store: Store, poll_seconds: float = 1.0, retry_seconds: float = 30.0, challenger_threads: int = 1
+    ) -> None:
+        self.store, self.poll_seconds = store, poll_seconds
+        self.retry_seconds, self.challenger_threads = retry_seconds, challenger_threads
+        self.current = Deployment()
+        self.record = DeploymentRecord()
+        self.refused: dict[str, tuple[str, float]] = {}  # version -> (reason, monotonic time refused)
+        self.note: str | None = None  # why the record in force is not the stored one (unreadable, missing)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def refresh(self) -> None:
-        raise NotImplementedError
 
     def start(self) -> None:
         self.refresh()
         self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name=self.thread_name, daemon=True)
+        self._thread = threading.Thread(target=self._poll, name="deployment-watcher", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -74,24 +78,7 @@ class Poller:
             try:
                 self.refresh()
             except Exception:  # noqa: BLE001 - the watcher outlives any single failure
-                logger.exception("%s: unexpected error; will try again", self.thread_name)
-
-
-class DeploymentWatcher(Poller):
-    """Keeps `current` (a `Deployment`) in step with the record. `challenger_threads`: ONNX Runtime threads for
-    the challenger (1: its shadow batches never take more than one core from production)."""
-
-    thread_name = "deployment-watcher"
-
-    def __init__(
-        self, store: Store, poll_seconds: float = 1.0, retry_seconds: float = 30.0, challenger_threads: int = 1
-    ) -> None:
-        super().__init__(poll_seconds)
-        self.store, self.retry_seconds, self.challenger_threads = store, retry_seconds, challenger_threads
-        self.current = Deployment()
-        self.record = DeploymentRecord()
-        self.refused: dict[str, tuple[str, float]] = {}  # version -> (reason, monotonic time refused)
-        self.note: str | None = None  # why the record in force is not the stored one (unreadable, missing)
+                logger.exception("deployment watcher: unexpected error; will try again")
 
     def refresh(self) -> None:
         record = self._read_record()
@@ -137,7 +124,12 @@ class DeploymentWatcher(Poller):
             predictor = Predictor(load(self.store, version), threads)
         except BundleError as error:
             self.refused[version] = (str(error), time.monotonic())
-            logger.error("Refused model version %s (still serving %s): %s", version, loaded.version if loaded else "nothing", error)
+            logger.error(
+                "Refused model version %s (still serving %s): %s",
+                version,
+                loaded.version if loaded else "nothing",
+                error,
+            )
             return loaded
         self.refused.pop(version, None)
         return LoadedModel(predictor, datetime.now(timezone.utc).isoformat())
