@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from mnist_dagster.assets.model_assets import DeploymentConfig
-from mnist_dagster.lifecycle import gate
-from mnist_dagster.lifecycle import deploy
+from mnist_dagster.lifecycle import deploy, gate
 from mnist_dagster.lifecycle.record import read_record
+from mnist_dagster.resources import dev_resources
+from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.scoring import preprocess
 from mnist_dagster.storage import LocalStore
 from mnist_dagster_tests.support import FAST_RUN_CONFIG, FAST_TRAINING, pipeline_assets_and_checks
@@ -45,12 +46,14 @@ def gate_metadata(result: dg.ExecuteInProcessResult) -> dict:
 @pytest.fixture
 def with_production(dev_test_resources, instance) -> str:
     """Data, training and the gate once: version 1 in production."""
-    return gate_metadata(run(dev_test_resources, instance, ["raw_mnist_data", "processed_mnist_data", *CANDIDATE_STEPS]))[
-        "model_version"
-    ]
+    return gate_metadata(
+        run(dev_test_resources, instance, ["raw_mnist_data", "processed_mnist_data", *CANDIDATE_STEPS])
+    )["model_version"]
 
 
-def test_a_significantly_worse_candidate_is_refused_with_its_p_value(dev_test_resources, dev_env, instance, with_production):
+def test_a_significantly_worse_candidate_is_refused_with_its_p_value(
+    dev_test_resources, dev_env, instance, with_production
+):
     store = LocalStore(dev_env["MNIST_DATA_DIR"])
     worse = run(dev_test_resources, instance, CANDIDATE_STEPS, UNDERTRAINED, {"accuracy_threshold": 0.0})
     metadata = gate_metadata(worse)
@@ -128,6 +131,68 @@ def test_a_candidate_failing_the_serving_path_check_changes_nothing(
     assert read_record(store) == before  # production, challenger and history unchanged
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == with_production
+    assert [str(v.version) for v in client.search_model_versions("name='mnist-digit-classifier'")] == ["1"]
+
+
+#: Real MNIST, quickly: cnn-fast's network, one epoch on 9,000 real training digits (~97.5% on the test set).
+REAL_DATA_OPS = {
+    "processed_mnist_data": {"config": {"validation_fraction": 0.1, "train_subset": 10_000}},
+    "digit_classifier": {"config": {"epochs": 1}},
+    "model_evaluation": {"config": {"metrics": []}},  # the gate reads accuracy and the comparison only
+}
+
+
+@pytest.fixture
+def real_data_resources(dev_env, real_mnist_dir) -> dict[str, object]:
+    """Dev resources on the temp folder, downloading the four real MNIST files (their canonical checksums)."""
+    resources = dev_resources({**dev_env, "MNIST_MIRRORS": str(real_mnist_dir)})
+    resources["mnist_source"] = MnistSource(mirrors=str(real_mnist_dir))
+    return resources
+
+
+def test_a_candidate_whose_upload_recipe_is_broken_is_refused_on_real_digits_and_changes_nothing(
+    real_data_resources, dev_env, instance, monkeypatch
+):
+    """Real MNIST. A candidate passes the gate with the faithful recipe, its upload check in words in the
+    metadata. Evaluated again (compared with itself, now production) with a recipe that places every digit
+    3 px right of MNIST's centre, the serving check refuses it: the faithfulness check cannot see the break
+    (28x28 dark images skip the centring), the upload comparison can. Production, its history, the
+    deployment record and the registry stay as they were."""
+    assets, checks = pipeline_assets_and_checks()
+    everything, store = [*assets, *checks], LocalStore(dev_env["MNIST_DATA_DIR"])
+    first = dg.materialize(
+        everything, selection=["raw_mnist_data", "processed_mnist_data", *CANDIDATE_STEPS],
+        resources=real_data_resources, instance=instance, run_config={"ops": REAL_DATA_OPS},
+    )  # fmt: skip
+    passed = gate_metadata(first)
+    assert passed["deployed"] is True and passed["model_version"] == "1", passed.get("reason")
+    assert passed["upload_check_images"] == 1000 and passed["upload_check_alpha"] == 0.01
+    assert passed["upload_check"].startswith("passed: 1000 check digits read")
+    assert "one-sided exact McNemar" in passed["upload_check"] and "points" in passed["upload_check"]
+    before, history = read_record(store), deploy.production_history(store)
+
+    faithful = preprocess._centre_by_mass
+    monkeypatch.setattr(preprocess, "_centre_by_mass", lambda box: np.roll(faithful(box), 3, axis=1))
+    second = dg.materialize(
+        everything, selection=["model_evaluation", "production_digit_classifier"], resources=real_data_resources,
+        instance=instance, run_config={"ops": {"model_evaluation": REAL_DATA_OPS["model_evaluation"]}},
+        raise_on_error=False,
+    )  # fmt: skip
+    assert not second.success
+    failure = second.get_step_failure_events()[0]
+    assert failure.step_key == "production_digit_classifier"
+    message = failure.step_failure_data.error.message
+    assert "serving-path check failed: uploads read worse than pixels" in message, message
+    assert (
+        "McNemar's exact one-sided test" in message and "Production and the registry aliases are unchanged" in message
+    )
+    refused = {key: value.value for key, value in failure.step_failure_data.user_failure_data.metadata.items()}
+    assert refused["upload_check"].startswith("refused: 1000 check digits read")
+    assert refused["upload_check_gap_points"] > 5 and refused["upload_check_p_value"] < 1e-6
+
+    assert read_record(store) == before and deploy.production_history(store) == history
+    client = mlflow.MlflowClient(real_data_resources["mlflow"].tracking_uri)
+    assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == "1"
     assert [str(v.version) for v in client.search_model_versions("name='mnist-digit-classifier'")] == ["1"]
 
 

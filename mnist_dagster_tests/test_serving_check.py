@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from mnist_dagster.lifecycle import check
+from mnist_dagster.lifecycle.check import ServingCheckError
 from mnist_dagster.scoring import preprocess
 from mnist_dagster.scoring.bundle import Predictor
-from mnist_dagster.lifecycle.check import ServingCheckError
 from mnist_dagster_tests.serving_support import real_model, real_test_set
 from mnist_dagster_tests.support import generated_digits
 
@@ -27,11 +27,7 @@ def model_and_digits(real_mnist_dir):
 
 
 def _gap(predictor, images, labels) -> float:
-    try:
-        return check.check_uploads(predictor, images, labels).gap
-    except ServingCheckError as error:
-        assert "uploads read worse than pixels" in str(error) and "of 400 test digits" in str(error)
-        return float(str(error).split("a gap of ")[1].split("%")[0]) / 100
+    return check.compare_uploads(predictor, images, labels).gap
 
 
 @pytest.mark.parametrize(
@@ -41,14 +37,39 @@ def _gap(predictor, images, labels) -> float:
         ("wrong polarity", "_border", lambda pixels: np.zeros(4, np.float32)),  # every background counts as dark
     ],
 )
-def test_a_broken_upload_recipe_is_refused_with_the_numbers(model_and_digits, monkeypatch, breakage, target, replacement):
+def test_a_broken_upload_recipe_is_refused_with_the_numbers(
+    model_and_digits, monkeypatch, breakage, target, replacement
+):
     predictor, images, labels = model_and_digits
     faithful_gap = _gap(predictor, images, labels)
     monkeypatch.setattr(preprocess, target, replacement)
     with pytest.raises(ServingCheckError, match=r"uploads read worse than pixels: .* of 400 test digits") as refused:
         check.check_uploads(predictor, images, labels)
-    broken_gap = float(str(refused.value).split("a gap of ")[1].split("%")[0]) / 100
-    assert broken_gap > faithful_gap + 0.05, (breakage, faithful_gap, broken_gap)  # the check tells them apart
+    broken = refused.value.uploads  # the numbers travel with the error, for the gate's metadata
+    assert broken.images == 400 and broken.refused and broken.p_value <= check.UPLOAD_ALPHA
+    assert f"a gap of {broken.gap:.2%}" in str(refused.value)
+    assert broken.gap > faithful_gap + 0.05, (breakage, faithful_gap, broken.gap)  # the check tells them apart
+
+
+def test_the_upload_check_reads_in_words_with_its_numbers(model_and_digits):
+    predictor, images, labels = model_and_digits
+    result = check.compare_uploads(predictor, images, labels)
+    metadata = check.upload_check_metadata(result)
+    assert metadata["upload_check_images"] == 400
+    assert metadata["upload_check_pixel_accuracy"] == result.pixel_accuracy
+    assert metadata["upload_check_upload_accuracy"] == result.upload_accuracy
+    assert metadata["upload_check_gap_points"] == round(100 * result.gap, 2)
+    assert metadata["upload_check_p_value"] == result.p_value and metadata["upload_check_alpha"] == 0.01
+    assert "one-sided" in metadata["upload_check_test"] and "McNemar" in metadata["upload_check_test"]
+    assert "a refusal stops a deployment" in metadata["upload_check_alpha_why"]
+    sentence = metadata["upload_check"]
+    assert (
+        f"{result.pixel_accuracy:.2%} as 28x28 pixels" in sentence
+        and f"{result.upload_accuracy:.2%} as uploads" in sentence
+    )
+    assert "points" in sentence and "one-sided exact McNemar" in sentence and "p <= 0.01" in sentence
+    skipped = check.upload_check_metadata(None)
+    assert skipped == {"upload_check": "not run: the check images are not MNIST-format digits (ink in the outer frame)"}
 
 
 def test_the_whole_serving_check_runs_the_upload_comparison_on_mnist_digits(model_and_digits, monkeypatch):

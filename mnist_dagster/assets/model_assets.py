@@ -318,6 +318,7 @@ def _check_serving_path(onnx: bytes, evaluation: dict, config: DeploymentConfig)
         raise dg.Failure(
             f"Not deployed: the serving-path check failed: {error}. Production and the registry aliases are unchanged.",
             allow_retries=False,  # the same model and code fail the same way
+            metadata=check.upload_check_metadata(error.uploads) if error.uploads else None,
         ) from error
 
 
@@ -330,6 +331,7 @@ def _serving_path_metadata(path: check.PathCheck | None) -> dict:
         "serving_check_max_probability_gap": path.max_probability_gap,
         "serving_check_accuracy": path.accuracy,
         "serving_check_latency_p50_ms": check.percentile_ms(path.latencies, 50),
+        **check.upload_check_metadata(path.uploads),
     }
 
 

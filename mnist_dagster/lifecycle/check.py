@@ -25,7 +25,12 @@ from mnist_dagster.scoring.uploads import as_uploads, through_upload_recipe, var
 
 
 class ServingCheckError(RuntimeError):
-    """The serving path does not answer what the model answers."""
+    """The serving path does not answer what the model answers; `uploads` holds the upload comparison's numbers
+    when that is what failed (the gate shows them in its metadata)."""
+
+    def __init__(self, message: str, uploads: UploadCheck | None = None) -> None:
+        super().__init__(message)
+        self.uploads = uploads
 
 
 #: The server rounds probabilities to 6 decimals; anything larger than this is a different computation.
@@ -35,6 +40,15 @@ UPLOAD_ACCURACY_GAP = 0.005  # uploads may read at most half a point worse than 
 #: the uploads worse at this level. One image is 0.1 point of 1,000, so a gap of a few images is noise a gate
 #: must not refuse on; a broken recipe (no centring, the wrong polarity) costs tens of points and p ~ 1e-30.
 UPLOAD_ALPHA = 0.01
+UPLOAD_ALPHA_WHY = (
+    "0.01, not the usual 0.05, because a refusal stops a deployment: one digit is 0.1 point of 1,000, so a "
+    "gap of a few digits is noise the gate must not refuse a good model on, while a broken upload recipe (no "
+    "centring, the wrong polarity) costs tens of points at p ~ 1e-30"
+)
+UPLOAD_TEST = (
+    "McNemar's exact test, one-sided (alternative: the digits read worse as uploads than as pixels): the exact "
+    "binomial tail on the digits only one of the two paths got right"
+)
 UPLOAD_CHECK_IMAGES = 1000  # ~2 s of rendering and decoding; one batched model call
 UPLOAD_SEED = 4  # fixed: every gate sends the same uploads
 #: Rendering presumes MNIST-format digits: a 20 px box centred in 28 px, leaving the outer 2-px frame dark.
@@ -67,17 +81,24 @@ class UploadCheck:
     upload_accuracy: float
     pixel_accuracy: float
     p_value: float  # McNemar's exact one-sided p that the uploads read worse than the pixels
+    uploads_only_right: int = 0  # digits read right as uploads and wrong as pixels
+    pixels_only_right: int = 0  # ... and the other way round: the discordant pairs the test weighs
 
     @property
     def gap(self) -> float:
         return self.pixel_accuracy - self.upload_accuracy
 
+    @property
+    def refused(self) -> bool:
+        """The check's rule: a gap over `UPLOAD_ACCURACY_GAP` that is also significant at `UPLOAD_ALPHA`."""
+        return self.gap > UPLOAD_ACCURACY_GAP and self.p_value <= UPLOAD_ALPHA
 
-def check_uploads(
+
+def compare_uploads(
     predictor: bundles.Predictor, images: np.ndarray, labels: np.ndarray, count: int = UPLOAD_CHECK_IMAGES
 ) -> UploadCheck:
-    """The first `count` digits rendered as uploads through the recipe, against their pixels; raises
-    `ServingCheckError` when uploads read more than `UPLOAD_ACCURACY_GAP` worse."""
+    """The first `count` digits rendered as uploads (`varied_styles`) through the recipe, and as pixels,
+    scored by the same model; the comparison, whatever it finds (the benchmark reads it too)."""
     # Lazy: scipy.stats costs ~1.6 s, and the gate's asset module imports this one when the code location loads.
     from mnist_dagster.ml.compare import mcnemar_exact
 
@@ -87,17 +108,58 @@ def check_uploads(
     pixels = digits.reshape(-1, 1, MNIST_SIDE, MNIST_SIDE).astype(np.float32) / 255
     as_pixels = predictor.predict_proba(pixels).argmax(axis=1)
     paired = mcnemar_exact(truth, as_uploaded, as_pixels)  # "candidate": the upload path; "production": pixels
-    result = UploadCheck(len(digits), paired.candidate_accuracy, paired.production_accuracy, paired.p_value)
-    if result.gap > UPLOAD_ACCURACY_GAP and paired.significantly_worse(UPLOAD_ALPHA):
+    return UploadCheck(
+        len(digits), paired.candidate_accuracy, paired.production_accuracy, paired.p_value,
+        paired.candidate_only, paired.production_only,
+    )  # fmt: skip
+
+
+def check_uploads(
+    predictor: bundles.Predictor, images: np.ndarray, labels: np.ndarray, count: int = UPLOAD_CHECK_IMAGES
+) -> UploadCheck:
+    """`compare_uploads`; raises `ServingCheckError` (carrying the numbers) when the uploads read more than
+    `UPLOAD_ACCURACY_GAP` worse and McNemar's one-sided test finds that beyond chance at `UPLOAD_ALPHA`."""
+    result = compare_uploads(predictor, images, labels, count)
+    if result.refused:
         raise ServingCheckError(
             f"uploads read worse than pixels: {result.upload_accuracy:.2%} of {result.images} test digits "
             f"rendered as uploads (28-400 px, both polarities, off-centre, PNG and JPEG) against "
             f"{result.pixel_accuracy:.2%} of the same digits as 28x28 pixels, a gap of {result.gap:.2%} > "
-            f"{UPLOAD_ACCURACY_GAP:.1%}, and McNemar's exact one-sided test finds it no chance (p = "
-            f"{result.p_value:.3g} < {UPLOAD_ALPHA}); the upload recipe does not give the model the digits it was "
-            "trained on"
+            f"{UPLOAD_ACCURACY_GAP:.1%}, and McNemar's exact one-sided test finds it beyond chance (p = "
+            f"{result.p_value:.3g} <= {UPLOAD_ALPHA}; pixels alone right on {result.pixels_only_right} digits, "
+            f"uploads alone on {result.uploads_only_right}); the upload recipe does not give the model the digits "
+            "it was trained on",
+            uploads=result,
         )
     return result
+
+
+def upload_check_metadata(uploads: UploadCheck | None) -> dict:
+    """The upload comparison as a person reads it in the gate's metadata: both accuracies, the gap in points,
+    the test, its level and why, and how many digits."""
+    if uploads is None:
+        return {"upload_check": "not run: the check images are not MNIST-format digits (ink in the outer frame)"}
+    verdict = "refused" if uploads.refused else "passed"
+    return {
+        "upload_check": (
+            f"{verdict}: {uploads.images} check digits read {uploads.pixel_accuracy:.2%} as 28x28 pixels and "
+            f"{uploads.upload_accuracy:.2%} as uploads (28-400 px, both polarities, off-centre, PNG and JPEG, "
+            f"through the upload recipe), a gap of {100 * uploads.gap:.2f} points; refused only when the gap is "
+            f"over {100 * UPLOAD_ACCURACY_GAP:.1f} points AND the one-sided exact McNemar test gives "
+            f"p <= {UPLOAD_ALPHA} (here p = {uploads.p_value:.3g})"
+        ),
+        "upload_check_images": uploads.images,
+        "upload_check_pixel_accuracy": uploads.pixel_accuracy,
+        "upload_check_upload_accuracy": uploads.upload_accuracy,
+        "upload_check_gap_points": round(100 * uploads.gap, 2),
+        "upload_check_max_gap_points": 100 * UPLOAD_ACCURACY_GAP,
+        "upload_check_pixels_only_right": uploads.pixels_only_right,
+        "upload_check_uploads_only_right": uploads.uploads_only_right,
+        "upload_check_test": UPLOAD_TEST,
+        "upload_check_p_value": uploads.p_value,
+        "upload_check_alpha": UPLOAD_ALPHA,
+        "upload_check_alpha_why": UPLOAD_ALPHA_WHY,
+    }
 
 
 def check_serving_path(
