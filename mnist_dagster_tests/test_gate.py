@@ -150,6 +150,8 @@ def real_data_resources(dev_env, real_mnist_dir) -> dict[str, object]:
     return resources
 
 
+@pytest.mark.slow  # trains on real data (about a minute on two cores): left out of the edit loop
+@pytest.mark.real_data
 def test_a_candidate_whose_upload_recipe_is_broken_is_refused_on_real_digits_and_changes_nothing(
     real_data_resources, dev_env, instance, monkeypatch
 ):

@@ -29,6 +29,7 @@ from scipy.ndimage import gaussian_filter, grey_dilation, grey_erosion
 from scipy.ndimage import rotate as nd_rotate
 from scipy.stats import chi2_contingency, ks_2samp, ttest_ind
 
+from mnist_dagster.digits import MASS_CENTRE
 from mnist_dagster.ml.cbpe import AccuracyEstimate, estimate_accuracy
 
 FORMAT = "mnist-dagster/drift-reference-v2"
@@ -45,7 +46,6 @@ FEATURES = ("mean_ink", "ink_fraction", "bbox_height", "bbox_width", "centre_off
 #: Input path of a logged prediction -> the reference it is judged against (the batch inbox's .npz are pixels).
 REFERENCE_FOR_INPUT = {"json": "pixels", "batch": "pixels", "upload": "upload"}
 INPUT_PATHS = tuple(REFERENCE_FOR_INPUT)
-MNIST_CENTRE = (14.0, 14.0)
 
 
 # ----- features -------------------------------------------------------------------------------------
@@ -63,14 +63,14 @@ def image_features(images: np.ndarray) -> dict[str, np.ndarray]:
     mass = images.sum(axis=(1, 2))
     safe = np.where(mass > 0, mass, 1.0)
     index = np.arange(28, dtype=np.float32)
-    centre_row = np.where(mass > 0, (images.sum(axis=2) * index).sum(axis=1) / safe, MNIST_CENTRE[0])
-    centre_col = np.where(mass > 0, (images.sum(axis=1) * index).sum(axis=1) / safe, MNIST_CENTRE[1])
+    centre_row = np.where(mass > 0, (images.sum(axis=2) * index).sum(axis=1) / safe, MASS_CENTRE)
+    centre_col = np.where(mass > 0, (images.sum(axis=1) * index).sum(axis=1) / safe, MASS_CENTRE)
     return {
         "mean_ink": images.mean(axis=(1, 2)),
         "ink_fraction": ink.mean(axis=(1, 2)),
         "bbox_height": _extent(rows),
         "bbox_width": _extent(cols),
-        "centre_offset": np.hypot(centre_row - MNIST_CENTRE[0], centre_col - MNIST_CENTRE[1]),
+        "centre_offset": np.hypot(centre_row - MASS_CENTRE, centre_col - MASS_CENTRE),
     }
 
 

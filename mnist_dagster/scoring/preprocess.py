@@ -26,14 +26,12 @@ import numpy as np
 from PIL import Image
 
 from mnist_dagster.digits import IMAGE_SIDE as MNIST_SIDE
+from mnist_dagster.digits import MASS_CENTRE
 
 DIGIT_BOX = 20  # longest side of the digit after scaling, as in MNIST
 MAX_IMAGE_SIDE = 2048  # larger images are refused before they are decoded (decompression bombs)
 IMAGE_FORMATS = ("PNG", "JPEG")
 INK_LEVEL = 0.1  # fraction of the brightest pixel that counts as ink for the bounding box
-#: Where MNIST puts a digit's centre of mass, in 0-based pixel indices (row and column): the mean over
-#: the 10k test digits is 13.99 and 14.01, spread +-0.29 by rounding to whole pixels.
-MASS_CENTRE = 14.0
 _SCALE = np.float32(1 / 255)
 
 
