@@ -104,9 +104,7 @@ def test_another_dataset_in_the_same_cache_folder_never_reads_the_first_ones_arr
 
 
 def test_the_no_nan_check_counts_every_non_finite_value_and_passes_clean_images():
-    from mnist_dagster.assets.data_assets import _count_non_finite
-
     images = torch.randn(50, 1, 28, 28)
-    assert _count_non_finite(images) == 0
+    assert data.count_non_finite(images) == 0
     images[3, 0, 5, 5], images[7, 0, 1, 2], images[9, 0, 0, 0] = float("nan"), float("inf"), float("-inf")
-    assert _count_non_finite(images) == 3
+    assert data.count_non_finite(images) == 3

@@ -1,9 +1,11 @@
 """The code location's shape: the asset graph, its checks and automation, and a cheap import."""
 
+import pkgutil
 import subprocess
 import sys
 
 import dagster as dg
+import pytest
 
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA
 from mnist_dagster.definitions import build_defs
@@ -61,11 +63,36 @@ def test_loading_the_code_location_imports_no_heavy_library():
     """`dagster dev` loads the definitions in every code server and run: torch and MLflow stay out of that path."""
     probe = (
         "import sys, mnist_dagster; mnist_dagster.defs; "
-        "heavy = [m for m in ('torch', 'torchvision', 'mlflow', 'onnx', 'onnxruntime', 'matplotlib', 'pandas') "
+        "heavy = [m for m in ('torch', 'torchvision', 'mlflow', 'onnx', 'onnxruntime', 'matplotlib', 'pandas', "
+        "'scipy', 'statsmodels', 'boto3', 'botocore', 'dagster_aws', 'dagster_k8s') "
         "if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"heavy modules imported at load: {out}"
+
+
+def test_ml_loads_a_submodule_and_torch_at_its_first_use():
+    """`from mnist_dagster import ml` at the top of the Dagster modules costs nothing: `ml.data` imports
+    `ml.data`, and torch with it, when a step first uses it (ml/__init__.py, PEP 562)."""
+    probe = (
+        "import sys; from mnist_dagster import ml; "
+        "before = [m for m in ('torch', 'mnist_dagster.ml.data') if m in sys.modules]; "
+        "ml.data.content_hash('x'); "
+        "after = [m for m in ('torch', 'mnist_dagster.ml.data') if m in sys.modules]; "
+        "print(','.join(before), ','.join(after), sep='|')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "|torch,mnist_dagster.ml.data", out
+
+
+def test_ml_names_every_submodule_it_loads_lazily_and_nothing_else():
+    from mnist_dagster import ml
+
+    on_disk = {module.name for module in pkgutil.iter_modules(ml.__path__)}
+    assert set(ml.__all__) == on_disk, "a new module of ml/ goes into ml/__init__.py's __all__ and TYPE_CHECKING imports"
+    assert set(ml.__all__) <= set(dir(ml))
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        ml.nothing_here  # noqa: B018 - the attribute access is the test
 
 
 def test_the_package_is_a_target_for_dagster_asset_materialize(tmp_path, real_mnist_dir):

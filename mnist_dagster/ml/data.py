@@ -235,6 +235,29 @@ def read_labelled_batch(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def with_batches(
+    raw: Mapping[str, torch.Tensor], images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`raw` (the MNIST tensors) with labelled batches appended to its training images and labels."""
+    return {
+        **raw,
+        "train_images": torch.cat([raw["train_images"], *images]),
+        "train_labels": torch.cat([raw["train_labels"], *labels]),
+    }
+
+
+def tensors_to_bytes(values: Mapping[str, Any]) -> bytes:
+    """A dict of tensors and primitives (an asset's value, a checkpoint) as `torch.save` bytes."""
+    buffer = io.BytesIO()
+    torch.save(dict(values), buffer)
+    return buffer.getvalue()
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, Any]:
+    """What `tensors_to_bytes` wrote, on the CPU; `weights_only`: tensors and primitives, nothing unpickled."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def content_hash(*parts: bytes | str) -> str:
     """A short stable hash, used as the data version of what was read."""
     digest = hashlib.sha256()
@@ -292,3 +315,12 @@ def normalise_and_split(raw: Mapping[str, torch.Tensor], val_fraction: float, se
 
 def class_counts(labels: torch.Tensor) -> list[int]:
     return torch.bincount(labels, minlength=NUM_CLASSES).tolist()
+
+
+def count_non_finite(images: torch.Tensor) -> int:
+    """NaN and infinite values in `images`. One summing pass settles the usual case: a finite sum means
+    every value is finite (a NaN or an infinity makes the sum one); only a non-finite sum (or an overflow,
+    which standardised pixels never reach) pays for the exact count."""
+    if torch.isfinite(images.sum()):
+        return 0
+    return int(images.numel() - torch.isfinite(images).sum())

@@ -11,8 +11,9 @@ One module, two commands (`python -m mnist_dagster.ml.distributed launch|worker 
   the checkpoint and report each epoch and the result.
 
 Rank 0 reports through Dagster Pipes when a Dagster step started the launch (`dagster_pipes`: the
-protocol-only package, no Dagster inside; imported only there), and prints otherwise (the benchmark).
-No Dagster import in this module.
+protocol-only package, no Dagster inside), and prints otherwise (the benchmark). No Dagster import in
+this module. The caller's side is here too: `save_split` writes what the workers read, `collect` turns
+rank 0's checkpoint and messages back into a `TrainedModel`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.elastic.multiprocessing.errors import record
+import torch
+import torch.distributed as dist
+from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.run import main as torchrun
+
+from mnist_dagster.ml.config import TrainingConfig
+from mnist_dagster.ml.data import NormalisedSplit
+from mnist_dagster.ml.model import load_checkpoint, parameter_count
+from mnist_dagster.ml.train import EpochStats, TrainedModel, fit
 
 WORKER_MODULE = "mnist_dagster.ml.distributed"
 #: Custom messages the worker sends over Pipes: {"kind": EPOCH, **EpochStats} and {"kind": RESULT, ...}.
@@ -44,8 +54,6 @@ def check_processes(processes: int, device: str, gpus: int | None = None) -> Non
         raise ValueError(f"processes must be at least 1, got {processes}")
     if device.startswith("cuda"):
         if gpus is None:
-            import torch
-
             gpus = torch.cuda.device_count()
         if processes > gpus:
             raise ValueError(f"processes={processes} but this node has {gpus} GPU(s): one worker per GPU")
@@ -72,9 +80,6 @@ def launch_command(
 
 def launch(torchrun_args: Sequence[str], failures: Path) -> None:
     """torchrun with `torchrun_args`; on a worker's failure, its record goes to `failures` and it raises."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
     try:
         torchrun(list(torchrun_args))
     except ChildFailedError as error:
@@ -114,6 +119,28 @@ def failure_summary(failures: dict[str, Any]) -> str:
     return f"DDP worker rank {root['rank']} (pid {root['pid']}) failed, {how}: {root['message']}"
 
 
+# ----- the caller's side: what the workers read, and what rank 0 leaves ------------------------------
+
+
+def save_split(split: NormalisedSplit, path: Path) -> None:
+    """The split as the workers load it (`worker --split`)."""
+    torch.save(split.as_dict(), path)
+
+
+def collect(messages: Sequence[Mapping[str, Any]], checkpoint: Path, device: str) -> TrainedModel:
+    """The `TrainedModel` rank 0 saved at `checkpoint` and reported in `messages` (its EPOCH and RESULT
+    messages), with the network loaded on `device`."""
+    history = [EpochStats(**_without_kind(m)) for m in messages if m.get("kind") == EPOCH]
+    result = next(m for m in messages if m.get("kind") == RESULT)
+    state = torch.load(checkpoint, weights_only=True)
+    model, _ = load_checkpoint(state, device)
+    return TrainedModel(state, history, result["seconds"], parameter_count(model), model)
+
+
+def _without_kind(message: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in message.items() if key != "kind"}
+
+
 # ----- the worker ---------------------------------------------------------------------------------
 
 
@@ -130,9 +157,6 @@ def _parse_worker(argv: Sequence[str]) -> argparse.Namespace:
 @record  # torchrun's error file: the worker's exception and traceback reach `launch`'s failure record
 def worker(argv: Sequence[str]) -> None:
     """One data-parallel rank: join the group, train through `fit`, rank 0 saves and reports."""
-    import torch
-    import torch.distributed as dist
-
     args = _parse_worker(argv)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -148,12 +172,6 @@ def worker(argv: Sequence[str]) -> None:
 
 
 def _train(args: argparse.Namespace, report: Callable[[str, dict[str, Any]], None] | None) -> None:
-    import torch
-
-    from mnist_dagster.ml.config import TrainingConfig
-    from mnist_dagster.ml.data import NormalisedSplit
-    from mnist_dagster.ml.train import EpochStats, fit
-
     split = NormalisedSplit.from_dict(torch.load(args.split, weights_only=True))
     config = TrainingConfig.from_mapping(json.loads(args.config))
 
@@ -177,8 +195,6 @@ class _reporter:
     """Rank 0's channel: Dagster Pipes when a Pipes session started us, else stdout (JSON lines)."""
 
     def __enter__(self) -> Callable[[str, dict[str, Any]], None]:
-        from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
-
         self._pipes = open_dagster_pipes() if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ else None
         if self._pipes is None:
             return lambda line, message: print(json.dumps({"line": line, **message}), flush=True)

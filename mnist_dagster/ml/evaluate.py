@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnist_dagster.ml import plots
 from mnist_dagster.ml.data import NUM_CLASSES
 from mnist_dagster.ml.robustness import (  # noqa: F401 - perturbations: part of this module's API
     ROBUSTNESS_DEGREES,
@@ -251,8 +252,6 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
 def calibration(scored: Scored) -> MetricResult:
     """Does a 90%-confident answer come true 90% of the time? ECE over 15 equal-width bins, as served
     (after the checkpoint's temperature) and before it (temperature 1), and the reliability diagram."""
-    from mnist_dagster.ml import plots  # matplotlib: only when a figure is drawn
-
     confidences, predictions = scored.probabilities.max(1)
     correct = predictions == scored.labels  # a positive temperature never changes the argmax
     bins = calibration_bins(confidences, correct)

@@ -17,6 +17,7 @@ from torch import nn
 from mnist_dagster.digits import IMAGE_SIDE
 from mnist_dagster.ml.architectures import build
 from mnist_dagster.ml.calibrate import TemperatureScaled
+from mnist_dagster.ml.data import tensors_from_bytes, tensors_to_bytes
 
 CHECKPOINT_FORMAT = "mnist-dagster/checkpoint-v2"
 CNN_V1_FORMAT = "mnist-dagster/cnn-v1"  # before the model zoo: always a CNN, still loadable
@@ -72,13 +73,11 @@ def load_checkpoint(
 
 
 def checkpoint_to_bytes(checkpoint: Mapping[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(dict(checkpoint), buffer)
-    return buffer.getvalue()
+    return tensors_to_bytes(checkpoint)
 
 
 def checkpoint_from_bytes(data: bytes) -> dict:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return tensors_from_bytes(data)
 
 
 def export_onnx(checkpoint: Mapping[str, Any]) -> bytes:

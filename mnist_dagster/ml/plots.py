@@ -62,12 +62,16 @@ def confusion_matrix_png(confusion: torch.Tensor) -> bytes:
     return _png(figure)
 
 
-def digit_grid_png(images: torch.Tensor, captions: Sequence[str], columns: int = 8, scale: int = 2) -> bytes:
-    """Up to a few dozen 28x28 images (any scale) with a caption under each, dark ink on white.
+def digit_grid_png(
+    images: torch.Tensor | np.ndarray, captions: Sequence[str], columns: int = 8, scale: int = 2
+) -> bytes:
+    """Up to a few dozen 28x28 images (any scale; a tensor or a numpy array) with a caption under each, dark
+    ink on white.
 
     Drawn with numpy and PIL, not matplotlib: a grid of 32 axes took about a second to lay out, a pasted
     mosaic takes milliseconds. Each image is stretched to its own min-max, as `imshow` did.
     """
+    images = torch.as_tensor(images)
     count = len(images)
     rows = max(1, (count + columns - 1) // columns)
     side, caption_height = 28 * scale, 12

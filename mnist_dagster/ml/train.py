@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.ml.data import NormalisedSplit
@@ -59,8 +61,6 @@ class Shard:
     @classmethod
     def current(cls) -> Shard:
         """From the process group torchrun's worker joined, if any: `fit` needs no extra argument for DDP."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -76,8 +76,6 @@ class Shard:
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """`value` summed over the ranks (a collective: every rank must call it)."""
         if self.distributed:
-            import torch.distributed as dist
-
             value = value.clone()
             dist.all_reduce(value)
         return value
@@ -226,8 +224,6 @@ def _data_parallel(model: nn.Module, target: torch.device, shard: Shard) -> nn.M
     """`model` itself, or wrapped in `DistributedDataParallel` (which averages gradients over the ranks)."""
     if not shard.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [torch.cuda.current_device()] if target.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
