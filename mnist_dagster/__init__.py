@@ -11,6 +11,8 @@ _LAZY = ("defs",)
 
 def __getattr__(name: str):
     if name == "defs":
+        # Dagster and every room (seconds to import) only when the code location is loaded: `ml`, `storage`
+        # and the serving CLI import this package without them
         from mnist_dagster.definitions import defs
 
         return defs

@@ -294,7 +294,7 @@ def test_a_client_that_cannot_be_compared_yet_is_held_and_small_clients_land_unt
 
 
 def test_the_ops_config_defaults_are_the_rules_defaults():
-    assert FeedbackLandingConfig().rules() == GuardRules()
+    assert GuardRules(**FeedbackLandingConfig().rule_values()) == GuardRules()
 
 
 @pytest.mark.slow  # drives a browser, as test_page_e2e.py does

@@ -1,19 +1,22 @@
 """Data: the verified MNIST files (plus any landed labelled batches), then normalised, split tensors.
 
-Heavy libraries (torch, torchvision) are imported inside the asset bodies so that loading the code
-location stays fast; the science itself lives in `mnist_dagster.ml`.
+The science lives in `mnist_dagster.ml`, whose submodules load on first use (`ml.data`, and torch with
+it, when a step runs), so loading the code location stays fast.
 """
 
-
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import dagster as dg
 
+from mnist_dagster import ml
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.metadata import png_markdown
 from mnist_dagster.layout import LANDING_PREFIX
 from mnist_dagster.resources.mnist_source import MnistSource
 from mnist_dagster.resources.storage import StorageResource
+
+if TYPE_CHECKING:
+    import torch
 
 PROCESSED_CHECKS = ["shapes", "label_range", "class_balance", "no_nan"]
 
@@ -31,18 +34,13 @@ def raw_mnist_data(context: dg.AssetExecutionContext, mnist_source: MnistSource,
     file they came from and checked against their own sha256 on every read (`ml.data.read_mnist_cached`).
     Its data version is a hash of the files and batches, so re-running on the same data is not new data.
     """
-    from mnist_dagster.ml import data
-
     folder = storage.scratch_dir("mnist")
-    fetched = data.fetch_mnist(mnist_source.sources(), folder, mnist_source.checksums())
-    tensors = data.read_mnist_cached(folder, fetched.md5s)  # parsed arrays kept by md5, digest-checked
+    fetched = ml.data.fetch_mnist(mnist_source.sources(), folder, mnist_source.checksums())
+    tensors = ml.data.read_mnist_cached(folder, fetched.md5s)  # parsed arrays kept by md5, digest-checked
     landed, rejected = _read_landed_batches(storage, context)
     if landed:
-        import torch
-
-        tensors["train_images"] = torch.cat([tensors["train_images"], *(batch.images for batch in landed)])
-        tensors["train_labels"] = torch.cat([tensors["train_labels"], *(batch.labels for batch in landed)])
-    version = data.content_hash(*fetched.md5s.values(), *(f"{batch.key}:{batch.digest}" for batch in landed))
+        tensors = ml.data.with_batches(tensors, [batch.images for batch in landed], [batch.labels for batch in landed])
+    version = ml.data.content_hash(*fetched.md5s.values(), *(f"{batch.key}:{batch.digest}" for batch in landed))
     return dg.Output(
         {**tensors, "source": fetched.source, "data_version": version},  # provenance travels with the data
         data_version=dg.DataVersion(version),
@@ -62,16 +60,14 @@ def raw_mnist_data(context: dg.AssetExecutionContext, mnist_source: MnistSource,
 class LandedBatch(NamedTuple):
     key: str
     digest: str
-    images: Any  # torch.Tensor, uint8 (N, 28, 28)
-    labels: Any  # torch.Tensor, int64 (N,)
+    images: "torch.Tensor"  # uint8 (N, 28, 28)
+    labels: "torch.Tensor"  # int64 (N,)
 
 
 def _read_landed_batches(
     storage: StorageResource, context: dg.AssetExecutionContext
 ) -> tuple[list[LandedBatch], dict[str, str]]:
     """Every valid `.npz` in the landing area; invalid ones are reported and skipped, never fatal."""
-    from mnist_dagster.ml.data import LabelledBatchError, content_hash, read_labelled_batch
-
     store = storage.open()
     landed, rejected = [], {}
     for item in store.list(LANDING_PREFIX):
@@ -79,12 +75,12 @@ def _read_landed_batches(
             continue
         payload = store.read_bytes(item.key)
         try:
-            images, labels = read_labelled_batch(payload)
-        except LabelledBatchError as error:
+            images, labels = ml.data.read_labelled_batch(payload)
+        except ml.data.LabelledBatchError as error:
             rejected[item.key] = str(error)
             context.log.warning(f"Skipping landed batch {item.key}: {error}")
             continue
-        landed.append(LandedBatch(item.key, content_hash(payload), images, labels))
+        landed.append(LandedBatch(item.key, ml.data.content_hash(payload), images, labels))
     return landed, rejected
 
 
@@ -104,13 +100,12 @@ class ProcessingConfig(dg.Config):
 def processed_mnist_data(context: dg.AssetExecutionContext, config: ProcessingConfig, raw_mnist_data: dict):
     """Images scaled to [0, 1] and standardised with the training split's mean and std; a seeded,
     stratified train/validation split of the training images; the 10k test set kept apart."""
-    from mnist_dagster.ml import data, plots
-
     raw = raw_mnist_data
     if config.train_subset:
-        keep, _ = data.stratified_split(raw["train_labels"], 1 - config.train_subset / len(raw["train_labels"]), config.seed)
+        labels = raw["train_labels"]
+        keep, _ = ml.data.stratified_split(labels, 1 - config.train_subset / len(labels), config.seed)
         raw = {**raw, "train_images": raw["train_images"][keep], "train_labels": raw["train_labels"][keep]}
-    split = data.normalise_and_split(raw, config.validation_fraction, config.seed)
+    split = ml.data.normalise_and_split(raw, config.validation_fraction, config.seed)
     provenance = {key: str(raw.get(key, "unknown")) for key in ("source", "data_version")}
     sample = split.train_images[:32]
     yield dg.Output(
@@ -119,21 +114,19 @@ def processed_mnist_data(context: dg.AssetExecutionContext, config: ProcessingCo
             "train_size": len(split.train_labels),
             "val_size": len(split.val_labels),
             "test_size": len(split.test_labels),
-            "train_class_counts": dg.MetadataValue.json(data.class_counts(split.train_labels)),
+            "train_class_counts": dg.MetadataValue.json(ml.data.class_counts(split.train_labels)),
             "mean": split.mean,
             "std": split.std,
             "sample_digits": png_markdown(
-                plots.digit_grid_png(sample, [str(int(label)) for label in split.train_labels[:32]]), "sample digits"
+                ml.plots.digit_grid_png(sample, [str(int(label)) for label in split.train_labels[:32]]), "sample digits"
             ),
         },
     )
     yield from _check_processed(split)
 
 
-def _check_processed(split) -> list[dg.AssetCheckResult]:
+def _check_processed(split: "ml.data.NormalisedSplit") -> list[dg.AssetCheckResult]:
     """The data contract the model relies on; each check blocks training when it fails."""
-    from mnist_dagster.ml.data import NUM_CLASSES, class_counts
-
     parts = {
         "train": (split.train_images, split.train_labels),
         "val": (split.val_images, split.val_labels),
@@ -144,11 +137,11 @@ def _check_processed(split) -> list[dg.AssetCheckResult]:
         images.shape[1:] == (1, 28, 28) and len(images) == len(labels) and len(labels) > 0 for images, labels in parts.values()
     )
     label_bounds = {name: [int(labels.min()), int(labels.max())] for name, (_, labels) in parts.items()}
-    labels_ok = all(0 <= low and high < NUM_CLASSES for low, high in label_bounds.values())
-    counts = class_counts(split.train_labels)
+    labels_ok = all(0 <= low and high < ml.data.NUM_CLASSES for low, high in label_bounds.values())
+    counts = ml.data.class_counts(split.train_labels)
     share = [count / max(1, sum(counts)) for count in counts]
     balanced = min(counts) > 0 and max(share) <= 0.2 and min(share) >= 0.05
-    non_finite = {name: _count_non_finite(images) for name, (images, _) in parts.items()}
+    non_finite = {name: ml.data.count_non_finite(images) for name, (images, _) in parts.items()}
     return [
         dg.AssetCheckResult(check_name="shapes", passed=shapes_ok, metadata={"shapes": dg.MetadataValue.json(shapes)}),
         dg.AssetCheckResult(
@@ -165,13 +158,3 @@ def _check_processed(split) -> list[dg.AssetCheckResult]:
         ),
     ]
 
-
-def _count_non_finite(images) -> int:
-    """NaN and infinite values in `images`. One summing pass settles the usual case: a finite sum means
-    every value is finite (a NaN or an infinity makes the sum one); only a non-finite sum (or an overflow,
-    which standardised pixels never reach) pays for the exact count."""
-    import torch
-
-    if torch.isfinite(images.sum()):
-        return 0
-    return int(images.numel() - torch.isfinite(images).sum())

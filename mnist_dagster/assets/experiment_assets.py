@@ -13,16 +13,18 @@ settings; the same seed trains the same model, and the gate judges it.
 """
 
 import time
-from typing import Any
 
 import dagster as dg
+import numpy as np
 
+from mnist_dagster import ml
 from mnist_dagster.assets.metadata import png_markdown, table
-from mnist_dagster.assets.training import train_and_record
-from mnist_dagster.ml.config import CANDIDATES
+from mnist_dagster.assets.training import TrainingRecord, train_and_record
+from mnist_dagster.ml.config import CANDIDATES, candidate
 from mnist_dagster.resources.compute import GPU_TRAINING_POD, ComputeResource
 from mnist_dagster.resources.io_manager import READS_ASSET
 from mnist_dagster.resources.mlflow import STARTED_BY_TAG, MlflowTracking
+from mnist_dagster.scoring.bundle import Predictor, make_bundle
 
 CANDIDATE_LEADERBOARD = dg.AssetKey("candidate_leaderboard")
 LEADERBOARD_COLUMNS = [
@@ -74,8 +76,6 @@ def train_candidate(
     context: dg.OpExecutionContext, plan: dict, processed: dict, compute: ComputeResource, mlflow: MlflowTracking
 ) -> dict:
     """Train one candidate (a child MLflow run), then measure it: test accuracy, ONNX latency."""
-    from mnist_dagster.ml.config import candidate
-
     name = plan["candidate"]
     settings = candidate(name, **plan["overrides"])
     tags = {STARTED_BY_TAG: context.run_id, "mlflow.parentRunId": plan["parent_run_id"], "candidate": name}
@@ -83,9 +83,7 @@ def train_candidate(
     test_accuracy = _test_accuracy(record, processed, compute.resolve_device())
     milliseconds = _onnx_ms_per_image(record.onnx, processed)
     with mlflow.start_run(run_id=record.run_id):
-        import mlflow as mlflow_lib
-
-        mlflow_lib.log_metrics({"test_accuracy": test_accuracy, "onnx_ms_per_image": milliseconds})
+        mlflow.log_metrics({"test_accuracy": test_accuracy, "onnx_ms_per_image": milliseconds})
     return {
         "candidate": name,
         "architecture": settings.architecture,
@@ -101,18 +99,13 @@ def train_candidate(
     }
 
 
-def _test_accuracy(record: Any, processed: dict, device: str) -> float:
-    from mnist_dagster.ml.evaluate import evaluate
-
-    return evaluate(record.trained.model, processed["test_images"], processed["test_labels"], device).accuracy
+def _test_accuracy(record: TrainingRecord, processed: dict, device: str) -> float:
+    images, labels = processed["test_images"], processed["test_labels"]
+    return ml.evaluate.evaluate(record.trained.model, images, labels, device).accuracy
 
 
 def _onnx_ms_per_image(onnx: bytes, processed: dict, requests: int = 200) -> float:
     """Median milliseconds of one single-image request to ONNX Runtime, as the endpoint makes them."""
-    import numpy as np
-
-    from mnist_dagster.scoring.bundle import Predictor, make_bundle
-
     predictor = Predictor(make_bundle("sweep", onnx))
     pixels = (processed["test_images"][:requests] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()
     timings = []
@@ -132,13 +125,11 @@ def report_leaderboard(
     context: dg.OpExecutionContext, config: LeaderboardConfig, rows: list[dict], mlflow: MlflowTracking
 ) -> None:
     """The leaderboard as `candidate_leaderboard`'s materialization, and on the MLflow parent run."""
-    from mnist_dagster.ml.plots import accuracy_vs_time_png
-
     rows = sorted(rows, key=lambda row: row["val_accuracy"], reverse=True)
     winner = rows[0]  # validation accuracy only: the test set stays an unbiased judge
     parent = winner["parent_run_id"]
     mlflow.finish_run(parent, {"winner_val_accuracy": winner["val_accuracy"]}, {"rows": rows, "winner": winner["candidate"]})
-    plot = accuracy_vs_time_png(
+    plot = ml.plots.accuracy_vs_time_png(
         [row["candidate"] for row in rows], [row["training_seconds"] for row in rows], [row["val_accuracy"] for row in rows]
     )
     context.log.info(f"Winner: {winner['candidate']} (validation accuracy {winner['val_accuracy']:.4f})")

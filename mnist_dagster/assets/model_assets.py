@@ -3,12 +3,13 @@
 Each training is one MLflow run: params, per-epoch metrics, curves, the model, then the test metrics.
 """
 
-
+import json
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
+from mnist_dagster import ml
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.config import TrainingConfig, training_config
 from mnist_dagster.assets.metadata import png_markdown, table
@@ -99,38 +100,33 @@ def model_evaluation(
     """The trained model on the 10k held-out test images: accuracy, per-class scores, confusion matrix, the
     metrics beyond accuracy `config.metrics` names (calibration, robustness, the top confused pairs), and
     the same images through the production model, for the gate's paired comparison."""
-    import mlflow as mlflow_lib
-
-    from mnist_dagster.ml import evaluate, plots
-    from mnist_dagster.ml.model import load_checkpoint
-
     device = compute.resolve_device()
-    model, _ = load_checkpoint(digit_classifier, device)
+    model, _ = ml.model.load_checkpoint(digit_classifier, device)
     images, labels = processed_mnist_data["test_images"], processed_mnist_data["test_labels"]
     # One batched pass over the test set and all its perturbations, through the ONNX graph as it will
     # serve (with its temperature); every metric below, and the comparison with production, reads from it.
     candidate = bundle.Predictor(bundle.make_bundle("candidate", digit_classifier["onnx"]))
-    result, scored = evaluate.score_in_one_pass(
+    result, scored = ml.evaluate.score_in_one_pass(
         model, images, labels, processed_mnist_data["mean"], processed_mnist_data["std"], device, config.seed,
         temperature=float(digit_classifier.get("temperature", 1.0)),  # absent: an uncalibrated checkpoint
         served=candidate.predict_proba,
     )  # fmt: skip
-    confusion_png = plots.confusion_matrix_png(result.confusion)
+    confusion_png = ml.plots.confusion_matrix_png(result.confusion)
     worst = result.misclassified(labels)[:24]
-    mistakes_png = plots.digit_grid_png(
+    mistakes_png = ml.plots.digit_grid_png(
         images[worst], [f"{int(labels[i])}->{int(result.predictions[i])}" for i in worst.tolist()]
     )
     per_class = [
         {"digit": digit, "precision": round(p, 4), "recall": round(r, 4), "f1": round(f, 4)}
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
-    metrics = evaluate.run_metrics(scored, config.metrics)
+    metrics = ml.evaluate.run_metrics(scored, config.metrics)
     reference = _drift_reference(processed_mnist_data, digit_classifier["onnx"])
     comparison = _compare_with_production(storage, result.predictions.numpy(), processed_mnist_data)
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
-        mlflow_lib.set_tag(REOPENED_BY_TAG, context.run_id)
-        mlflow_lib.log_metrics(
+        mlflow.set_tag(REOPENED_BY_TAG, context.run_id)
+        mlflow.log_metrics(
             {"test_accuracy": result.accuracy, **{f"test_f1_digit_{row['digit']}": row["f1"] for row in per_class},
              **{key: value for m in metrics.values() for key, value in m.scalars.items()}}
         )  # fmt: skip
@@ -165,6 +161,7 @@ def _drift_reference(processed: dict, onnx: bytes) -> bytes:
     """What `prediction_drift` compares this model's traffic with: held-out test digits as serving sees them
     (28x28 pixels, and rendered as PNG uploads through the upload recipe), scored by the ONNX graph the
     endpoint serves; JSON, saved beside the model when it is deployed (`ml.drift.DriftReference`)."""
+    # scipy (seconds to import, through ml.drift) only when an evaluation runs: kept off the code location's load
     from mnist_dagster.lifecycle.reference import build_serving_reference
 
     pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
@@ -180,8 +177,6 @@ def _serving_check_images(processed: dict, count: int = 1000) -> dict:
 
 def _metric_artifacts(metrics: dict) -> dict[str, bytes]:
     """Each metric's table as `<name>.json` and its figure as `<name>.png`, for one upload with the others."""
-    import json
-
     files: dict[str, bytes] = {}
     for name, result in metrics.items():
         if result.table or result.columns:
@@ -209,14 +204,13 @@ def _compare_with_production(storage: StorageResource, candidate_predictions, pr
     """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts.
     The candidate's answers come from evaluation's one pass through its ONNX graph; production's are
     scored here."""
-    from mnist_dagster.ml.compare import MCNEMAR_ONE_SIDED, mcnemar_exact
-
     production = deploy.production_bundle(storage.open())
     if production is None:
         return None
     pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()  # as the candidate saw them
     labels = processed["test_labels"].numpy()
-    result = mcnemar_exact(labels, candidate_predictions, bundle.Predictor(production).predict_proba(pixels).argmax(1))
+    production_predictions = bundle.Predictor(production).predict_proba(pixels).argmax(1)
+    result = ml.compare.mcnemar_exact(labels, candidate_predictions, production_predictions)
     return {
         "production_version": production.version,
         "production_test_accuracy": result.production_accuracy,
@@ -224,7 +218,7 @@ def _compare_with_production(storage: StorageResource, candidate_predictions, pr
         "candidate_right_production_wrong": result.candidate_only,
         "production_right_candidate_wrong": result.production_only,
         "mcnemar_p_value": result.p_value,
-        "test": MCNEMAR_ONE_SIDED,
+        "test": ml.compare.MCNEMAR_ONE_SIDED,
     }
 
 
@@ -262,7 +256,7 @@ def production_digit_classifier(
     `shadow`: alias `challenger`). A candidate failing the serving-path check fails the step, and neither
     the record nor the registry aliases change.
     """
-    from mnist_dagster.lifecycle import gate  # lazy: its McNemar test loads scipy.stats (~1.6 s) at import
+    from mnist_dagster.lifecycle import gate  # its McNemar test loads scipy.stats (~1.6 s): kept off the load
 
     store = storage.open()
     accuracy, comparison = model_evaluation["test_accuracy"], model_evaluation.get("comparison")

@@ -3,8 +3,9 @@ and input path, each judged against its own version's reference) with its check 
 `feedback_to_landing_job`, which turns labelled feedback into a labelled batch in `landing/` (its sensor is
 in `sensors/ml_sensors.py`).
 
-The statistics live in `mnist_dagster.ml.drift` and `ml.cbpe`, the windows in `lifecycle.drift_windows`;
-they are imported inside the bodies so loading the code location stays fast.
+The statistics live in `mnist_dagster.ml.drift` and `ml.cbpe` (reached through `ml`, loaded on first use),
+the windows in `lifecycle.drift_windows` and the feedback guards in `lifecycle.landing`; those two load
+pandas and scipy, so each is imported in the one step that uses it and loading the code location stays fast.
 """
 
 import json
@@ -12,10 +13,10 @@ from typing import Any
 
 import dagster as dg
 
+from mnist_dagster import ml
 from mnist_dagster.assets.metadata import png_markdown, table
 from mnist_dagster.layout import DRIFT_CURSOR_KEY
 from mnist_dagster.resources.storage import StorageResource
-from mnist_dagster.storage import Store
 
 DRIFT_CHECK = "no_prediction_drift"
 STATISTIC_COLUMNS = [
@@ -50,10 +51,8 @@ class DriftConfig(dg.Config):
     confidence_ks: float = 0.1
     accept_reference: bool = False  # the operator accepts this traffic as normal: it becomes the reference
 
-    def thresholds(self):
-        from mnist_dagster.ml.drift import DriftThresholds
-
-        return DriftThresholds(
+    def thresholds(self) -> "ml.drift.DriftThresholds":
+        return ml.drift.DriftThresholds(
             alpha=self.alpha,
             accuracy_drop=(self.accuracy_drop_moderate, self.accuracy_drop_severe),
             class_psi=self.class_psi,
@@ -84,6 +83,7 @@ class DriftConfig(dg.Config):
 def prediction_drift(
     context: dg.AssetExecutionContext, config: DriftConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
+    # pandas and scipy (seconds to import) only when the step runs: kept off the code location's load
     from mnist_dagster.lifecycle import drift_windows
 
     store = storage.open()
@@ -100,7 +100,17 @@ def prediction_drift(
         replaced = drift_windows.accept_as_reference(store, big, f"run {context.run_id[:8]}")
         result = _nothing_judged(f"accepted as the reference: {', '.join(replaced)}", count)
     else:
-        result = _judge(store, big, [w for w in windows if len(w) < config.min_traffic], config)
+        labels = drift_windows.feedback_labels(store)
+        verdicts = []
+        small = [w for w in windows if len(w) < config.min_traffic]
+        unjudged = [f"{w.name}: {len(w)} predictions, fewer than min_traffic" for w in small]
+        for window in big:
+            reference = drift_windows.read_reference(store, window.version)
+            if reference is None:
+                unjudged.append(f"{window.name}: no drift reference for version {window.version}")
+                continue
+            verdicts.append(drift_windows.judge(window, reference, config.thresholds(), labels))
+        result = _judged(verdicts, unjudged, config)
     store.write_bytes(DRIFT_CURSOR_KEY, json.dumps(next_cursor).encode())  # last: a failed run re-reads
     context.log.info(result.metadata["summary"])
     return result
@@ -113,20 +123,9 @@ def _nothing_judged(why: str, count: int) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata=metadata, check_results=[check])
 
 
-def _judge(store: Store, windows: list, small: list, config: DriftConfig) -> dg.MaterializeResult:
-    from mnist_dagster.lifecycle import drift_windows
-    from mnist_dagster.ml import plots
-    from mnist_dagster.ml.drift import SEVERITY_ORDER
-
-    labels = drift_windows.feedback_labels(store)
-    verdicts, unjudged = [], [f"{w.name}: {len(w)} predictions, fewer than min_traffic" for w in small]
-    for window in windows:
-        reference = drift_windows.read_reference(store, window.version)
-        if reference is None:
-            unjudged.append(f"{window.name}: no drift reference for version {window.version}")
-            continue
-        verdicts.append(drift_windows.judge(window, reference, config.thresholds(), labels))
-    worst = max(verdicts, key=lambda v: SEVERITY_ORDER[v.report.severity], default=None)
+def _judged(verdicts: list, unjudged: list[str], config: DriftConfig) -> dg.MaterializeResult:
+    """The windows' verdicts as the asset's metadata and its check: the worst severity decides."""
+    worst = max(verdicts, key=lambda v: ml.drift.SEVERITY_ORDER[v.report.severity], default=None)
     severity = worst.report.severity if worst else "none"
     detected = any(v.report.drift_detected for v in verdicts)
     moved = [(v.window.name, s) for v in verdicts for s in v.report.moved()]
@@ -143,7 +142,7 @@ def _judge(store: Store, windows: list, small: list, config: DriftConfig) -> dg.
         "statistics": table([_row(v.window.name, s) for v in verdicts for s in v.report.statistics], STATISTIC_COLUMNS),
         "thresholds": dg.MetadataValue.json({**config.model_dump(), "why": WHY_LEVELS}),
         "histograms": png_markdown(
-            plots.drift_histograms_png(worst.report.histograms, [s.name for s in worst.report.moved()]),
+            ml.plots.drift_histograms_png(worst.report.histograms, [s.name for s in worst.report.moved()]),
             f"reference vs current ({worst.window.name})",
         ) if worst else "",
     }  # fmt: skip
@@ -217,11 +216,10 @@ class FeedbackLandingConfig(dg.Config):
     min_labels: int = 30  # a client is tested from this many labels ...
     min_peer_labels: int = 30  # ... against at least this many of other clients (else held; 0: land untested)
 
-    def rules(self):
-        from mnist_dagster.lifecycle.landing import GuardRules
-
+    def rule_values(self) -> dict[str, float]:
+        """The guard's settings, as `lifecycle.landing.GuardRules` takes them."""
         names = ("max_share", "min_clients_for_share", "alpha", "min_excess", "min_labels", "min_peer_labels")
-        return GuardRules(**{name: getattr(self, name) for name in names})
+        return {name: getattr(self, name) for name in names}
 
 
 @dg.op(
@@ -231,10 +229,10 @@ class FeedbackLandingConfig(dg.Config):
     "sending too large a share, or disagreeing with the model far more than the others, goes to quarantine/.",
 )
 def land_feedback(context: dg.OpExecutionContext, config: FeedbackLandingConfig, storage: StorageResource):
-    # Lazy: lifecycle.landing loads numpy and scipy, which the code location does not need to load.
+    # scipy (seconds to import) only when the op runs: kept off the code location's load
     from mnist_dagster.lifecycle import landing
 
-    rules = config.rules()
+    rules = landing.GuardRules(**config.rule_values())
     result = landing.land_feedback(storage.open(), config.min_feedback, config.max_age_days, rules)
     context.log.info(result.summary())
     if result.late_corrections:

@@ -9,6 +9,7 @@ lives in `mnist_dagster.serving` (no Dagster there); these assets run it and des
 import dagster as dg
 from pydantic import Field
 
+from mnist_dagster import ml
 from mnist_dagster.assets.automation import RETRAIN_ON_NEW_DATA, TRANSIENT_IO_RETRY
 from mnist_dagster.assets.deployment_ops import announce_production
 from mnist_dagster.assets.metadata import png_markdown, table
@@ -21,7 +22,7 @@ from mnist_dagster.lifecycle import check, deploy
 from mnist_dagster.lifecycle.record import read_record
 from mnist_dagster.scoring import bundle
 from mnist_dagster.resources import serving as client
-from mnist_dagster.scoring.batch import InboxPlan, commit_shards, plan_shards, score_inbox, score_shard
+from mnist_dagster.scoring.batch import BatchResult, InboxPlan, commit_shards, plan_shards, score_inbox, score_shard
 
 
 def _production_bundle(storage: StorageResource) -> bundle.Bundle:
@@ -164,16 +165,12 @@ def batch_fanout():
     commit_batch_ledger(plan_and_shards.plan, plan_and_shards.shards.map(score_batch_shard).collect())
 
 
-def _low_confidence_grid(result, count: int) -> dg.MarkdownMetadataValue:
+def _low_confidence_grid(result: BatchResult, count: int) -> dg.MarkdownMetadataValue:
     """The least confident predictions, captioned `digit (confidence)`."""
-    import torch
-
-    from mnist_dagster.ml.plots import digit_grid_png
-
     worst = result.predictions["confidence"].to_numpy().argsort()[:count]
     rows = result.predictions.iloc[worst]
     captions = [f"{d} ({c:.0%})" for d, c in zip(rows["digit"], rows["confidence"], strict=True)]
-    png = digit_grid_png(torch.from_numpy(result.pixels[worst]), captions)
+    png = ml.plots.digit_grid_png(result.pixels[worst], captions)
     return png_markdown(png, "least confident predictions: predicted digit (confidence)")
 
 

@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
+from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level
 
+from mnist_dagster import ml
 from mnist_dagster.resources.compute import ComputeResource
 from mnist_dagster.resources.mlflow import MlflowTracking
 
 
 @dataclass(frozen=True)
 class TrainingRecord:
-    trained: Any  # ml.train.TrainedModel
+    trained: ml.train.TrainedModel
     onnx: bytes
     curve_png: bytes
     run_id: str
@@ -42,7 +45,7 @@ class TrainingRecord:
 def train_and_record(
     log: logging.Logger | Any,
     processed: Mapping[str, Any],
-    settings: Any,  # ml.config.TrainingConfig
+    settings: ml.config.TrainingConfig,
     compute: ComputeResource,
     mlflow: MlflowTracking,
     run_name: str,
@@ -50,20 +53,16 @@ def train_and_record(
     params: Mapping[str, Any] | None = None,
 ) -> TrainingRecord:
     """Train `settings` on the processed split in a new MLflow run (`tags` may name a parent run)."""
-    import mlflow as mlflow_lib
-
-    from mnist_dagster.ml import data, train
-
-    split = data.NormalisedSplit.from_dict(processed)
+    split = ml.data.NormalisedSplit.from_dict(processed)
     device = compute.resolve_device()
 
-    def log_metrics(stats: train.EpochStats) -> None:
-        mlflow_lib.log_metrics(
+    def log_metrics(stats: ml.train.EpochStats) -> None:
+        mlflow.log_metrics(
             {"train_loss": stats.train_loss, "val_accuracy": stats.val_accuracy, "learning_rate": stats.learning_rate},
             step=stats.epoch,
         )
 
-    def log_epoch(stats: train.EpochStats) -> None:
+    def log_epoch(stats: ml.train.EpochStats) -> None:
         log.info(
             f"{run_name} epoch {stats.epoch}/{settings.epochs}: train_loss={stats.train_loss:.4f} "
             f"val_accuracy={stats.val_accuracy:.4f} ({stats.seconds:.1f}s)"
@@ -71,7 +70,8 @@ def train_and_record(
         log_metrics(stats)
 
     with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
-        mlflow_lib.log_params({**settings.as_params(), **(params or {}), "device": device, "train_size": len(split.train_labels)})
+        run_params = {**settings.as_params(), **(params or {}), "device": device, "train_size": len(split.train_labels)}
+        mlflow.log_params(run_params)
         mlflow.log_training_data(
             split.train_images.numpy(), split.train_labels.numpy(), source=processed["source"], digest=processed["data_version"]
         )
@@ -80,74 +80,61 @@ def train_and_record(
             for stats in trained.history:
                 log_metrics(stats)
         else:
-            trained = train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
-        mlflow_lib.log_params({"parameters": trained.parameters})
-        mlflow_lib.log_metric("training_seconds", trained.seconds)
+            trained = ml.train.fit(split, settings, device, compute.mixed_precision, on_epoch=log_epoch)
+        mlflow.log_params({"parameters": trained.parameters})
+        mlflow.log_metrics({"training_seconds": trained.seconds})
         onnx, curve, model_uri = _export_and_log(mlflow, run.info.run_id, trained, split)
     return TrainingRecord(trained, onnx, curve, run.info.run_id, model_uri)
 
 
-def _export_and_log(mlflow: MlflowTracking, run_id: str, trained: Any, split: Any) -> tuple[bytes, bytes, str]:
+def _export_and_log(
+    mlflow: MlflowTracking, run_id: str, trained: ml.train.TrainedModel, split: ml.data.NormalisedSplit
+) -> tuple[bytes, bytes, str]:
     """The ONNX graph exported and logged as the run's model while, in a background thread, the curve,
     the architecture and the checkpoint are uploaded in one go; (onnx, curve png, model URI).
 
     Leaving the `with` joins the thread, and `result()` re-raises a failed upload in the step: the step
     never ends (or reports success) before every artifact is stored."""
-    from mnist_dagster.ml import plots
-    from mnist_dagster.ml.model import checkpoint_to_bytes, export_onnx
-
-    curve = plots.training_curve_png([h.train_loss for h in trained.history], [h.val_accuracy for h in trained.history])
+    history = trained.history
+    curve = ml.plots.training_curve_png([h.train_loss for h in history], [h.val_accuracy for h in history])
     architecture = {"architecture": trained.checkpoint["architecture"], **trained.checkpoint["config"]}
     files = {
         "training_curve.png": curve,
         "architecture.json": json.dumps(architecture, indent=2).encode(),
-        "checkpoint.pt": checkpoint_to_bytes(trained.checkpoint),
+        "checkpoint.pt": ml.model.checkpoint_to_bytes(trained.checkpoint),
     }
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-artifacts") as background:
         uploaded = background.submit(mlflow.log_files, run_id, files)
-        onnx = export_onnx(trained.checkpoint)
+        onnx = ml.model.export_onnx(trained.checkpoint)
         model_uri = mlflow.log_onnx_model(onnx, input_example(split))
         uploaded.result()
     return onnx, curve, model_uri
 
 
-def fit_with_torchrun(split: Any, settings: Any, device: str, mixed_precision: bool) -> Any:
+def fit_with_torchrun(
+    split: ml.data.NormalisedSplit, settings: ml.config.TrainingConfig, device: str, mixed_precision: bool
+) -> ml.train.TrainedModel:
     """`ml.train.fit` on `settings.processes` DDP workers (`ml.distributed`: torchrun --standalone), launched
     from the current step with `PipesSubprocessClient`; returns the `TrainedModel` rank 0 saved and reported.
 
     A worker that dies fails the step with its error (rank, signal or exception and traceback); torchrun
     stops the other workers before this returns, and the caller's MLflow run ends FAILED.
     """
-    import torch
-
-    from mnist_dagster.ml import distributed
-    from mnist_dagster.ml.model import load_checkpoint, parameter_count
-    from mnist_dagster.ml.train import EpochStats, TrainedModel
-
-    distributed.check_processes(settings.processes, device)
+    ml.distributed.check_processes(settings.processes, device)
     with tempfile.TemporaryDirectory(prefix="mnist-ddp-") as folder:
         work = Path(folder)
-        torch.save(split.as_dict(), work / "split.pt")
-        command = distributed.launch_command(
+        ml.distributed.save_split(split, work / "split.pt")
+        command = ml.distributed.launch_command(
             settings.processes, work / "split.pt", settings.as_params(), work / "checkpoint.pt", device,
             mixed_precision, work / "failures.json", work / "logs",
         )  # fmt: skip
         invocation = _run_pipes(command, work / "failures.json")
-        checkpoint = torch.load(work / "checkpoint.pt", weights_only=True)
-    messages = invocation.get_custom_messages()
-    history = [EpochStats(**_without_kind(m)) for m in messages if m.get("kind") == distributed.EPOCH]
-    result = next(m for m in messages if m.get("kind") == distributed.RESULT)
-    model, _ = load_checkpoint(checkpoint, device)
-    return TrainedModel(checkpoint, history, result["seconds"], parameter_count(model), model)
+        return ml.distributed.collect(invocation.get_custom_messages(), work / "checkpoint.pt", device)
 
 
 def _run_pipes(command: list[str], failures: Path) -> Any:
     """Run `command` under Dagster Pipes in the current step; a failed worker becomes a `dg.Failure`
     carrying torchrun's record of it (retrying would fail the same way)."""
-    from dagster._core.errors import DagsterPipesExecutionError  # not re-exported at the top level
-
-    from mnist_dagster.ml import distributed
-
     try:
         # `train_and_record` is handed the step's logger, not its context: Pipes takes the current one
         return dg.PipesSubprocessClient().run(context=dg.OpExecutionContext.get(), command=command)
@@ -157,7 +144,7 @@ def _run_pipes(command: list[str], failures: Path) -> Any:
         record = json.loads(failures.read_text())
         root = record["failures"][0]
         raise dg.Failure(
-            description=distributed.failure_summary(record),
+            description=ml.distributed.failure_summary(record),
             metadata={
                 "torchrun_report": dg.MetadataValue.text(record["report"]),
                 "worker_traceback": dg.MetadataValue.text(root["traceback"] or "(none: the worker raised no Python error)"),
@@ -166,11 +153,7 @@ def _run_pipes(command: list[str], failures: Path) -> Any:
         ) from error
 
 
-def _without_kind(message: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in message.items() if key != "kind"}
-
-
-def input_example(split: Any, count: int = 2) -> Any:
+def input_example(split: ml.data.NormalisedSplit, count: int = 2) -> np.ndarray:
     """A few validation images as the model takes them: float32 (N, 1, 28, 28) in [0, 1], unnormalised."""
     pixels = split.val_images[:count] * split.std + split.mean
     return pixels.clamp(0, 1).numpy()

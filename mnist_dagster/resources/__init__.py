@@ -85,9 +85,8 @@ def prod_resources(env: Mapping[str, str] = os.environ, branch: str | None = Non
     `S3_BUCKET` and `MLFLOW_TRACKING_URI` are `dg.EnvVar`s: read when a step starts, never shown in the
     UI; a missing one fails that step with a message naming it. AWS credentials are boto3's business.
     """
-    from dagster_aws.s3 import S3Resource
-
-    from mnist_dagster.resources.s3 import S3StorageResource
+    # dagster-aws and boto3 (seconds to import) only for prod and branch: kept off dev's code location load
+    from mnist_dagster.resources.s3 import S3Resource, S3StorageResource
 
     prefix = (env.get("S3_PREFIX", "").strip().strip("/")) or DEFAULT_S3_PREFIX
     mlflow_name = MLFLOW_NAME

@@ -6,6 +6,8 @@ The CUDA path (pinned-memory transfer of the whole dataset once, bf16 autocast) 
 
 import dagster as dg
 
+from mnist_dagster import ml
+
 DEVICES = ("auto", "cpu", "cuda")
 # Dagster+ Hybrid on Kubernetes (k8s executor): the training step's pod gets one GPU. Ignored elsewhere.
 GPU_TRAINING_POD = {
@@ -95,6 +97,4 @@ class ComputeResource(dg.ConfigurableResource):
 
     def resolve_device(self) -> str:
         """`cpu` or `cuda`; `cuda` without a GPU is an error rather than a silent, slow CPU run."""
-        from mnist_dagster.ml.train import resolve_device
-
-        return resolve_device(check_device(self.device))
+        return ml.train.resolve_device(check_device(self.device))

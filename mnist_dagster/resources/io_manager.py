@@ -1,14 +1,14 @@
-"""The IO manager for tensors and checkpoints: `torch.save` on write, `weights_only=True` on read.
+"""The IO manager for tensors and checkpoints: `torch.save` on write, `weights_only=True` on read
+(`ml.data.tensors_to_bytes` and `tensors_from_bytes`; torch loads with the first value stored or read).
 
 Assets pass dicts of tensors and primitives, never arbitrary objects, so nothing is unpickled. The
 bytes go through a `Store`, so dev (a folder) and prod (S3) hold the very same `.pt` objects under
 `assets/<asset key>.pt`.
 """
 
-import io
-
 import dagster as dg
 
+from mnist_dagster import ml
 from mnist_dagster.layout import asset_key_path, op_output_path
 from mnist_dagster.resources.storage import StorageResource
 
@@ -17,22 +17,15 @@ class TensorIOManager(dg.ConfigurableIOManager):
     storage: StorageResource
 
     def handle_output(self, context: dg.OutputContext, obj: dict) -> None:
-        import torch
-
         key = _key(context)
         if not isinstance(obj, dict):
             raise TypeError(f"{key} would hold a {type(obj).__name__}; this IO manager stores dicts of tensors")
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
+        data = ml.data.tensors_to_bytes(obj)
         store = self.storage.open()
-        store.write_bytes(key, buffer.getvalue())
-        context.add_output_metadata(
-            {"stored_at": dg.MetadataValue.path(store.uri(key)), "stored_bytes": buffer.getbuffer().nbytes}
-        )
+        store.write_bytes(key, data)
+        context.add_output_metadata({"stored_at": dg.MetadataValue.path(store.uri(key)), "stored_bytes": len(data)})
 
     def load_input(self, context: dg.InputContext) -> dict:
-        import torch
-
         store = self.storage.open()
         key = _key(context)
         try:
@@ -40,7 +33,7 @@ class TensorIOManager(dg.ConfigurableIOManager):
         except FileNotFoundError as error:
             what = context.asset_key.to_user_string() if context.has_asset_key else "the upstream step"
             raise dg.Failure(f"{what} has no stored value at {store.uri(key)}: materialize it first") from error
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return ml.data.tensors_from_bytes(data)
 
 
 #: An op input that reads an asset's stored value names the asset here: `dg.In(metadata={READS_ASSET: [...]})`.

@@ -1,7 +1,8 @@
 """A Pythonic MLflow resource (dagster-mlflow offers none): tracking, artifacts and the model registry.
 
 Every run it starts ends FINISHED or FAILED, whichever way the step ends, because the run lives in a
-`with` block inside the step rather than in a hook. `mlflow` is imported on first use, not at load.
+`with` block inside the step rather than in a hook. Assets talk to MLflow only through this resource, and
+`mlflow` is imported in one place, `_client`, on first use: loading the code location never loads it.
 
 Dev uses a SQLite store with artifacts beside it. Prod points `tracking_uri` at a tracking server
 (`MLFLOW_TRACKING_URI`) and leaves `artifact_location` unset, so the server decides where artifacts
@@ -13,10 +14,16 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
+
+from mnist_dagster.scoring.bundle import INPUT_CONTRACT, Predictor, describe_input, make_bundle
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 PRODUCTION_ALIAS = "production"
 CHALLENGER_ALIAS = "challenger"
@@ -46,7 +53,9 @@ class MlflowTracking(dg.ConfigurableResource):
     artifact_location: str | None = None  # where a new experiment keeps artifacts; None = the server's default
     ui_url: str = ""  # where people open runs (`MLFLOW_UI_URL`); "" = the tracking server, or `mlflow ui` locally
 
-    def _client(self):
+    def _client(self) -> "tuple[ModuleType, MlflowClient]":
+        """The `mlflow` module, pointed at `tracking_uri`, and a client of it."""
+        # MLflow (seconds to import) only when a step talks to it: kept off the code location's load
         import mlflow
 
         if not self.tracking_uri.strip():
@@ -56,15 +65,13 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def experiment_id(self) -> str:
         """The experiment's id, created on first use; the first call of a step, so it also checks the server."""
-        from mlflow.exceptions import MlflowException
-
         mlflow, client = self._client()
         try:
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is not None:
                 return experiment.experiment_id
             return client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
-        except (MlflowException, OSError) as error:  # requests' connection errors are OSErrors
+        except (mlflow.exceptions.MlflowException, OSError) as error:  # requests' connection errors are OSErrors
             raise MlflowSettingsError(
                 f"MLflow at {redact_uri(self.tracking_uri)} (MLFLOW_TRACKING_URI) failed: {error}"
             ) from error
@@ -84,6 +91,21 @@ class MlflowTracking(dg.ConfigurableResource):
         experiment_id = None if run_id else self.experiment_id()
         with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, **kwargs) as run:
             yield run
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Parameters of the active run."""
+        mlflow, _ = self._client()
+        mlflow.log_params(dict(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Metrics of the active run, at `step` (an epoch) when given."""
+        mlflow, _ = self._client()
+        mlflow.log_metrics(dict(metrics), step=step)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """A tag of the active run."""
+        mlflow, _ = self._client()
+        mlflow.set_tag(key, value)
 
     def create_parent_run(self, run_name: str, tags: dict[str, str]) -> str:
         """A run that groups others (a sweep's candidates point at it with `mlflow.parentRunId`), left
@@ -139,19 +161,15 @@ class MlflowTracking(dg.ConfigurableResource):
     def log_onnx_model(self, onnx: bytes, input_example: Any) -> str:
         """The ONNX model on the active run with its input contract, signature (from ONNX Runtime's own
         answer on `input_example`) and the example itself; returns the model's URI."""
+        # ONNX's protobuf classes (a second to import) only when a model is logged: kept off the code location's load
         import onnx as onnx_lib
-        import onnxruntime
-        from mlflow.models import infer_signature
-
-        from mnist_dagster.scoring.bundle import INPUT_CONTRACT
 
         mlflow, _ = self._client()
-        session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-        output = session.run(None, {INPUT_CONTRACT["name"]: input_example})[0]
+        output = Predictor(make_bundle("signature", onnx)).predict_proba(input_example)
         info = mlflow.onnx.log_model(
             onnx_lib.load_from_string(onnx),
             name="model",
-            signature=infer_signature(input_example, output),
+            signature=mlflow.models.infer_signature(input_example, output),
             input_example=input_example,
             metadata={"input": INPUT_CONTRACT},
             pip_requirements=["onnxruntime", "onnx", "numpy"],
@@ -161,8 +179,6 @@ class MlflowTracking(dg.ConfigurableResource):
     def register_version(self, model_uri: str, run_id: str) -> str:
         """A new version of the registered model, described with its input contract; it serves nothing
         until it gets the alias."""
-        from mnist_dagster.scoring.bundle import describe_input
-
         mlflow, client = self._client()
         version = str(mlflow.register_model(model_uri, self.registered_model_name, tags={"run_id": run_id}).version)
         client.update_model_version(self.registered_model_name, version, description=describe_input())
@@ -181,12 +197,10 @@ class MlflowTracking(dg.ConfigurableResource):
         for a run that left nothing behind, changes nothing. No experiment yet: nothing to close (this
         never creates one). An unreachable tracking server raises `MlflowSettingsError`.
         """
-        from mlflow.exceptions import MlflowException
-
         # the id goes into a filter string: no quotes, no operators
         if not (dagster_run_id.isascii() and dagster_run_id.replace("-", "").isalnum()):
             raise ValueError(f"not a Dagster run id: {dagster_run_id!r}")
-        _, client = self._client()
+        mlflow, client = self._client()
         try:
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is None:
@@ -204,7 +218,7 @@ class MlflowTracking(dg.ConfigurableResource):
             for run in orphans:
                 client.set_tag(run.info.run_id, "mnist_dagster.closed_by", reason)
                 client.set_terminated(run.info.run_id, status="KILLED")
-        except (MlflowException, OSError) as error:  # requests' connection errors are OSErrors
+        except (mlflow.exceptions.MlflowException, OSError) as error:  # requests' connection errors are OSErrors
             raise MlflowSettingsError(
                 f"MLflow at {redact_uri(self.tracking_uri)} (MLFLOW_TRACKING_URI) failed: {self._redacted(error)}"
             ) from error

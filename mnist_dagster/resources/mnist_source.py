@@ -2,6 +2,8 @@
 
 import dagster as dg
 
+from mnist_dagster import ml
+
 
 class MnistSource(dg.ConfigurableResource):
     """Comma-separated base URLs or local directories that hold the four `.gz` files; empty = public mirrors."""
@@ -12,11 +14,7 @@ class MnistSource(dg.ConfigurableResource):
     md5s: dict[str, str] | None = None
 
     def sources(self) -> list[str]:
-        from mnist_dagster.ml.data import parse_sources
-
-        return parse_sources(self.mirrors)
+        return ml.data.parse_sources(self.mirrors)
 
     def checksums(self) -> dict[str, str]:
-        from mnist_dagster.ml.data import MNIST_FILES
-
-        return dict(self.md5s or MNIST_FILES)
+        return dict(self.md5s or ml.data.MNIST_FILES)

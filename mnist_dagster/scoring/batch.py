@@ -38,6 +38,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from mnist_dagster.layout import INBOX_LEDGER_KEY, INBOX_PREFIX, REJECTED_PREFIX
 from mnist_dagster.scoring.bundle import Predictor
 from mnist_dagster.scoring.preprocess import MNIST_SIDE, InputError, mnist_format_many, prepare_upload
 from mnist_dagster.storage import Store, StoredObject
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LEDGER_KEY = INBOX_LEDGER_KEY
 LEDGER_FORMAT = "mnist-dagster/inbox-ledger-v1"
@@ -89,8 +93,8 @@ class Ledger:
 
 @dataclass
 class BatchResult:
-    predictions: object  # pandas.DataFrame with PREDICTION_COLUMNS
-    rejected: object  # pandas.DataFrame with REJECTED_COLUMNS
+    predictions: pd.DataFrame  # PREDICTION_COLUMNS
+    rejected: pd.DataFrame  # REJECTED_COLUMNS
     pixels: np.ndarray  # float32 (N, 1, 28, 28), row i is what predictions row i scored
     inbox_objects: int
     new_inputs: int
@@ -106,7 +110,7 @@ class BatchResult:
 def score_inbox(store: Store, predictor: Predictor, run_id: str, chunk: int = SCORE_CHUNK) -> BatchResult:
     """Score every new input in the inbox with `predictor`; write the tables, then the ledger."""
     started = time.perf_counter()
-    now = _now()
+    now = datetime.now(timezone.utc)
     ledger = Ledger.load(store)
     objects = list_inbox(store)
     new_inputs = find_new_inputs(store, objects, ledger)
@@ -122,11 +126,12 @@ def list_inbox(store: Store) -> list[StoredObject]:
 
 
 def score_inputs(
-    store: Store, predictor: Predictor, new_inputs: list[NewInput], done: dict[str, dict], run_id: str, now,
-    chunk: int = SCORE_CHUNK, part: str | None = None,
+    store: Store, predictor: Predictor, new_inputs: list[NewInput], done: dict[str, dict], run_id: str,
+    now: datetime, chunk: int = SCORE_CHUNK, part: str | None = None,
 ) -> BatchResult:
     """Score `new_inputs`, write their tables (file `<part or run_id>.parquet`), and record each outcome in
     `done` ("key@sha256" -> outcome). The ledger itself is the caller's to save, after this returns."""
+    # pandas (seconds to import) only when a batch is scored: the code location imports this module
     import pandas as pd
 
     started = time.perf_counter()
@@ -160,12 +165,12 @@ def score_inputs(
             "runner_up": ranked[:, -2].astype(np.int64),
             "runner_up_confidence": probabilities[rows, ranked[:, -2]].astype(np.float64),
             "model_version": predictor.version,
-            "predicted_at": now,
+            "predicted_at": pd.Timestamp(now),
         },
         columns=PREDICTION_COLUMNS,
     )
     rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS[:4]).assign(
-        model_version=predictor.version, predicted_at=now
+        model_version=predictor.version, predicted_at=pd.Timestamp(now)
     )
     result = BatchResult(predictions, rejected_frame, pixels, 0, len(new_inputs), 0.0)
     partition = f"date={now.strftime('%Y-%m-%d')}/{part or run_id}.parquet"
@@ -222,7 +227,8 @@ def score_shard(
         data = store.read_bytes(str(entry["key"]))
         if hashlib.sha256(data).hexdigest() == entry["sha256"]:
             inputs.append(NewInput(str(entry["key"]), str(entry["sha256"]), data))
-    result = score_inputs(store, predictor, inputs, done, run_id, _now(), chunk, part=f"{run_id}-{index}")
+    now = datetime.now(timezone.utc)
+    result = score_inputs(store, predictor, inputs, done, run_id, now, chunk, part=f"{run_id}-{index}")
     return result, done
 
 
@@ -235,12 +241,6 @@ def commit_shards(store: Store, plan: InboxPlan, outcomes: list[dict[str, dict]]
         ledger.done.update(done)
     ledger.save(store)
     return ledger
-
-
-def _now():
-    import pandas as pd
-
-    return pd.Timestamp(datetime.now(timezone.utc))
 
 
 def find_new_inputs(store: Store, objects: list[StoredObject], ledger: Ledger) -> list[NewInput]:
@@ -307,5 +307,5 @@ def _stack(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, 1, MNIST_SIDE, MNIST_SIDE), np.float32)
 
 
-def _outcome(outcome: str, run_id: str, now, **details) -> dict:
+def _outcome(outcome: str, run_id: str, now: datetime, **details) -> dict:
     return {"outcome": outcome, "run_id": run_id, "at": now.isoformat(), **details}

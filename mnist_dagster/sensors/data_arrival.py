@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import dagster as dg
 
+from mnist_dagster import ml
 from mnist_dagster.layout import LANDING_PREFIX
 from mnist_dagster.resources.storage import StorageResource
 
@@ -47,13 +48,11 @@ class LandingCursor(NamedTuple):
 
 
 def _validation_error(payload: bytes) -> str | None:
-    """Why a landed file cannot be used (the same check `raw_mnist_data` applies), or None."""
-    # Lazy: ml.data imports torch and torchvision, which the code location does not load until a tick needs them.
-    from mnist_dagster.ml.data import LabelledBatchError, read_labelled_batch
-
+    """Why a landed file cannot be used (the same check `raw_mnist_data` applies), or None. `ml.data`, and
+    torch with it, loads at the first tick that finds a file to check, not with the code location."""
     try:
-        read_labelled_batch(payload)
-    except LabelledBatchError as error:
+        ml.data.read_labelled_batch(payload)
+    except ml.data.LabelledBatchError as error:
         return str(error)
     return None
 

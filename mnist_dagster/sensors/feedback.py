@@ -37,7 +37,7 @@ def min_feedback(env: Mapping[str, str] = os.environ) -> int:
 def feedback_to_landing_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
     """Reads only; the job writes (a logged run, with what it landed). The run key names the set of labels,
     so a tick repeated before the job finished asks for nothing new."""
-    # Lazy: lifecycle.landing reads logs with numpy, which the code location does not load.
+    # scipy (seconds to import) only when the sensor ticks: kept off the code location's load
     from mnist_dagster.lifecycle.landing import count_pending
 
     needed = min_feedback()
