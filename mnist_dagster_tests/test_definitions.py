@@ -89,7 +89,7 @@ def test_ml_names_every_submodule_it_loads_lazily_and_nothing_else():
     from mnist_dagster import ml
 
     on_disk = {module.name for module in pkgutil.iter_modules(ml.__path__)}
-    assert set(ml.__all__) == on_disk, "a new module of ml/ goes into ml/__init__.py's __all__ and TYPE_CHECKING imports"
+    assert set(ml.__all__) == on_disk, "a new ml/ module goes into ml/__init__.py: __all__ and TYPE_CHECKING"
     assert set(ml.__all__) <= set(dir(ml))
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         ml.nothing_here  # noqa: B018 - the attribute access is the test
