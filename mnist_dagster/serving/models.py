@@ -22,6 +22,13 @@ from mnist_dagster.scoring import preprocess
 MAX_BATCH = 256
 MAX_BODY_BYTES = 1_000_000
 CLIENT_KEY_HEADER = "X-Client-Key"  # any stable client id: the same arm all through an A/B trial
+CLIENT_KEY_PARAMETER = {
+    "name": CLIENT_KEY_HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "any stable client id: during an A/B test, the same key always gets the same arm",
+}
 
 
 # ----- requests ---------------------------------------------------------------------------------------
@@ -181,15 +188,20 @@ FEEDBACK_REFUSALS = refusals(
 )
 
 
-def request_body(content: dict[str, dict[str, Any] | type[BaseModel]]) -> dict[str, Any]:
+def request_body(content: dict[str, dict[str, Any] | type[BaseModel]], client_key: bool = False) -> dict[str, Any]:
     """`openapi_extra` for a body the route reads itself: media type -> a schema, or a model (referenced;
-    `with_request_schemas` puts its schema in the components)."""
+    `with_request_schemas` puts its schema in the components). With `client_key`, the optional `X-Client-Key`
+    header the route reads itself: a FastAPI header parameter would be resolved as a dependency on every request
+    (~40 us of the ~0.3 ms a prediction costs in the server)."""
 
     def schema(value: dict[str, Any] | type[BaseModel]) -> dict[str, Any]:
         return value if isinstance(value, dict) else {"$ref": SCHEMA_REF.format(model=value.__name__)}
 
     media = {media_type: {"schema": schema(value)} for media_type, value in content.items()}
-    return {"requestBody": {"required": True, "content": media}}
+    extra: dict[str, Any] = {"requestBody": {"required": True, "content": media}}
+    if client_key:
+        extra["parameters"] = [CLIENT_KEY_PARAMETER]
+    return extra
 
 
 def with_request_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
