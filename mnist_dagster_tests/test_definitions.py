@@ -95,6 +95,7 @@ def test_ml_names_every_submodule_it_loads_lazily_and_nothing_else():
         ml.nothing_here  # noqa: B018 - the attribute access is the test
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_the_package_is_a_target_for_dagster_asset_materialize(tmp_path, real_mnist_dir):
     """`-m mnist_dagster`, as Dagster users type it by habit, loads the code location and materializes
     (`raw_mnist_data`, from the local folder of real MNIST files)."""

@@ -98,6 +98,7 @@ def test_the_seed_makes_a_two_process_run_reproducible(tmp_path, split_file):
     assert result["world_size"] == 2
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_a_worker_python_error_comes_back_with_its_traceback(tmp_path):
     """Workers that raise: torchrun stops, and its failure record names the rank, the error and the traceback."""
     completed, checkpoint = _launch(tmp_path, tmp_path / "no-such-split.pt")

@@ -69,6 +69,7 @@ def test_a_significantly_worse_candidate_is_refused_with_its_p_value(
     assert evaluation["compared_with_production"].value["production_version"] == "1"
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_an_equal_candidate_passes_and_replaces_production(dev_test_resources, dev_env, instance, with_production):
     same = gate_metadata(run(dev_test_resources, instance, CANDIDATE_STEPS))  # same seed, same data: the same model
     assert same["deployed"] is True and same["decision"] == "production"
@@ -81,6 +82,7 @@ def test_an_equal_candidate_passes_and_replaces_production(dev_test_resources, d
     assert str(client.get_model_version_by_alias("mnist-digit-classifier", "production").version) == "2"
 
 
+@pytest.mark.slow  # two pipelines (ab_test, shadow), 5 s or more each on two cores: left out of the edit loop
 @pytest.mark.parametrize("strategy", ["ab_test", "shadow"])
 def test_a_passing_candidate_becomes_the_challenger_beside_production(
     dev_test_resources, dev_env, instance, with_production, strategy
@@ -111,6 +113,7 @@ def test_the_first_model_needs_only_the_threshold(dev_test_resources, dev_env, i
     assert deploy.current_challenger(LocalStore(dev_env["MNIST_DATA_DIR"])) is None
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_a_candidate_failing_the_serving_path_check_changes_nothing(
     dev_test_resources, dev_env, instance, with_production, monkeypatch
 ):

@@ -153,6 +153,7 @@ def start_moto(port: int):
     return server
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_a_store_outage_fills_the_journal_not_memory_and_nothing_is_lost(moto_port, tmp_path, monkeypatch):
     endpoint_url = f"http://127.0.0.1:{moto_port}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint_url)

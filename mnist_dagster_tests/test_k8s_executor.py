@@ -222,6 +222,7 @@ def test_executor_by_environment():
         build_defs("dev", {"MNIST_EXECUTOR": "docker"})
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_dagster_definitions_validate_passes_with_the_k8s_executor(tmp_path):
     env = {**os.environ, "MNIST_EXECUTOR": "k8s", "DAGSTER_DEPLOYMENT": "prod", "MNIST_DATA_DIR": str(tmp_path)}
     env.pop("DAGSTER_HOME", None)

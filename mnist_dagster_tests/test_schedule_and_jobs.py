@@ -179,6 +179,7 @@ class FlakyMirror(QuietHandler):
         return super().send_head()
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_a_transient_download_failure_is_retried(fake_mirror, dev_test_resources, instance, tmp_path):
     folder, md5s = fake_mirror
     served = tmp_path / "mirror"

@@ -65,6 +65,7 @@ def test_503_without_a_model_then_serves_one_published_later_without_restart(sto
         assert served["model_version"] == generated_bundle.version
 
 
+@pytest.mark.slow  # 5 s or more on two cores (a pipeline, a server, a subprocess): left out of the edit loop
 def test_predicts_real_digits_as_png_json_drawings_and_batches(store_dir, real_bundle, real_digits):
     images, labels = real_digits
     deploy.make_production(LocalStore(store_dir), real_bundle, "test")
