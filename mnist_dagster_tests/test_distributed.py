@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import torch
 
-from mnist_dagster.ml import distributed
+from mnist_dagster.ml import data, distributed
 from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.ml.model import load_checkpoint
 from mnist_dagster.scoring import bundle
@@ -122,9 +122,10 @@ def test_two_process_training_materializes_loads_and_serves(dev_test_resources, 
     model, _ = load_checkpoint(stored)
     assert sum(p.numel() for p in model.parameters()) > 0
     processed = result.output_for_node("processed_mnist_data")
-    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()
+    split = data.NormalisedSplit.from_dict(processed)
+    pixels = data.to_unit_float(split.test_digits()).numpy()
     predicted = bundle.Predictor(bundle.make_bundle("ddp", stored["onnx"])).predict_proba(pixels).argmax(1)
-    assert (predicted == processed["test_labels"].numpy()).mean() > 0.9
+    assert (predicted == split.test_labels.numpy()).mean() > 0.9
     client = mlflow.MlflowClient(dev_test_resources["mlflow"].tracking_uri)
     run = client.get_run(stored["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["processes"] == "2"

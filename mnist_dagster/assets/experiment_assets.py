@@ -100,14 +100,14 @@ def train_candidate(
 
 
 def _test_accuracy(record: TrainingRecord, processed: dict, device: str) -> float:
-    images, labels = processed["test_images"], processed["test_labels"]
-    return ml.evaluate.evaluate(record.trained.model, images, labels, device).accuracy
+    split = ml.data.NormalisedSplit.from_dict(processed)
+    return ml.evaluate.evaluate(record.trained.model, split.test_images, split.test_labels, device).accuracy
 
 
 def _onnx_ms_per_image(onnx: bytes, processed: dict, requests: int = 200) -> float:
     """Median milliseconds of one single-image request to ONNX Runtime, as the endpoint makes them."""
     predictor = Predictor(make_bundle("sweep", onnx))
-    pixels = (processed["test_images"][:requests] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()
+    pixels = ml.data.to_unit_float(ml.data.NormalisedSplit.from_dict(processed).test_digits()[:requests]).numpy()
     timings = []
     for image in pixels:
         started = time.perf_counter()

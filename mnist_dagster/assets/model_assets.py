@@ -102,12 +102,13 @@ def model_evaluation(
     the same images through the production model, for the gate's paired comparison."""
     device = compute.resolve_device()
     model, _ = ml.model.load_checkpoint(digit_classifier, device)
-    images, labels = processed_mnist_data["test_images"], processed_mnist_data["test_labels"]
+    split = ml.data.NormalisedSplit.from_dict(processed_mnist_data)
+    images, labels = split.test_images, split.test_labels
     # One batched pass over the test set and all its perturbations, through the ONNX graph as it will
     # serve (with its temperature); every metric below, and the comparison with production, reads from it.
     candidate = bundle.Predictor(bundle.make_bundle("candidate", digit_classifier["onnx"]))
     result, scored = ml.evaluate.score_in_one_pass(
-        model, images, labels, processed_mnist_data["mean"], processed_mnist_data["std"], device, config.seed,
+        model, images, labels, split.mean, split.std, device, config.seed,
         temperature=float(digit_classifier.get("temperature", 1.0)),  # absent: an uncalibrated checkpoint
         served=candidate.predict_proba,
     )  # fmt: skip
@@ -121,8 +122,8 @@ def model_evaluation(
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
     metrics = ml.evaluate.run_metrics(scored, config.metrics)
-    reference = _drift_reference(processed_mnist_data, digit_classifier["onnx"])
-    comparison = _compare_with_production(storage, result.predictions.numpy(), processed_mnist_data)
+    reference = _drift_reference(split, digit_classifier["onnx"])
+    comparison = _compare_with_production(storage, result.predictions.numpy(), scored.pixels().numpy(), labels.numpy())
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
         mlflow.set_tag(REOPENED_BY_TAG, context.run_id)
@@ -141,7 +142,7 @@ def model_evaluation(
             "mlflow_run_id": run_id,
             "comparison": comparison,
             "drift_reference": reference,
-            **_serving_check_images(processed_mnist_data),
+            **_serving_check_images(split),
         },
         metadata={
             "test_accuracy": result.accuracy,
@@ -157,22 +158,20 @@ def model_evaluation(
     )
 
 
-def _drift_reference(processed: dict, onnx: bytes) -> bytes:
+def _drift_reference(split: "ml.data.NormalisedSplit", onnx: bytes) -> bytes:
     """What `prediction_drift` compares this model's traffic with: held-out test digits as serving sees them
     (28x28 pixels, and rendered as PNG uploads through the upload recipe), scored by the ONNX graph the
     endpoint serves; JSON, saved beside the model when it is deployed (`ml.drift.DriftReference`)."""
     # scipy (seconds to import, through ml.drift) only when an evaluation runs: kept off the code location's load
     from mnist_dagster.lifecycle.reference import build_serving_reference
 
-    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
-    digits = pixels.mul(255).round().byte().numpy()
-    return build_serving_reference(bundle.Predictor(bundle.make_bundle("candidate", onnx)), digits).to_json()
+    predictor = bundle.Predictor(bundle.make_bundle("candidate", onnx))
+    return build_serving_reference(predictor, split.test_digits().numpy()).to_json()
 
 
-def _serving_check_images(processed: dict, count: int = 1000) -> dict:
+def _serving_check_images(split: "ml.data.NormalisedSplit", count: int = 1000) -> dict:
     """Held-out test images as uint8 (the way they were stored), for the gate's serving-path check."""
-    pixels = (processed["test_images"][:count] * processed["std"] + processed["mean"]).clamp(0, 1)[:, 0]
-    return {"check_images": pixels.mul(255).round().byte(), "check_labels": processed["test_labels"][:count].clone()}
+    return {"check_images": split.test_digits()[:count].clone(), "check_labels": split.test_labels[:count].clone()}
 
 
 def _metric_artifacts(metrics: dict) -> dict[str, bytes]:
@@ -200,15 +199,13 @@ def _metrics_metadata(metrics: dict) -> dict:
     return metadata
 
 
-def _compare_with_production(storage: StorageResource, candidate_predictions, processed: dict) -> dict | None:
+def _compare_with_production(storage: StorageResource, candidate_predictions, pixels, labels) -> dict | None:
     """Candidate and production, both as they serve (ONNX), on the same test pixels: McNemar's counts.
-    The candidate's answers come from evaluation's one pass through its ONNX graph; production's are
-    scored here."""
+    The candidate's answers come from evaluation's one pass through its ONNX graph (on `pixels`, float32
+    (N, 1, 28, 28) in [0, 1]); production's are scored here on the very same pixels."""
     production = deploy.production_bundle(storage.open())
     if production is None:
         return None
-    pixels = (processed["test_images"] * processed["std"] + processed["mean"]).clamp(0, 1).numpy()  # as the candidate saw them
-    labels = processed["test_labels"].numpy()
     production_predictions = bundle.Predictor(production).predict_proba(pixels).argmax(1)
     result = ml.compare.mcnemar_exact(labels, candidate_predictions, production_predictions)
     return {
