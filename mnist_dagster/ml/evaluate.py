@@ -38,9 +38,6 @@ from mnist_dagster.ml.train import predict_logits
 
 #: Images per forward pass when scoring: large batches amortise the per-call overhead on CPU.
 SCORING_BATCH = 8192
-#: Images per ONNX Runtime call: the default CNN's activations for 256 images stay in the CPU's caches
-#: (38k images, best of 4 on 2 cores: 0.55 s at 256, 0.72 s at 1,024, 0.78 s at 2,048).
-SERVED_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -166,19 +163,16 @@ def score_in_one_pass(
     pass; every metric then reads from its answers.
 
     With `served` (the exported graph in ONNX Runtime: about 3x PyTorch's speed on 2 CPU cores for the
-    default CNN, and the model exactly as it will serve), the pass runs there, `SERVED_BATCH` images a
-    call; its probabilities already carry the temperature. Without it, `model` runs in inference mode,
-    `SCORING_BATCH` images a call, and the temperature is applied to its logits.
+    default CNN, and the model exactly as it will serve), the pass runs there, in calls of the size the
+    CPU's caches like (`scoring.bundle.PREDICT_CHUNK`); its probabilities already carry the temperature.
+    Without it, `model` runs in inference mode, `SCORING_BATCH` images a call, and the temperature is
+    applied to its logits.
     """
     pixels = (images * std + mean).clamp(0, 1)
     perturbed = all_perturbations(pixels[robustness_indices(len(labels))], seed)
     sizes = [len(labels), *(len(p) for p in perturbed.values())]
     if served is not None:
-        everything = torch.cat([pixels, *perturbed.values()]).numpy()
-        answers = [
-            served(everything[start : start + SERVED_BATCH]) for start in range(0, len(everything), SERVED_BATCH)
-        ]
-        clean, *others = torch.from_numpy(np.concatenate(answers)).split(sizes)
+        clean, *others = torch.from_numpy(served(torch.cat([pixels, *perturbed.values()]).numpy())).split(sizes)
         probabilities, logits = clean, None
     else:
         with torch.inference_mode():

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mnist_dagster.layout import INBOX_LEDGER_KEY, INBOX_PREFIX, REJECTED_PREFIX, SCORED_PREFIX
-from mnist_dagster.scoring.bundle import Predictor
+from mnist_dagster.scoring.bundle import PREDICT_CHUNK, Predictor
 from mnist_dagster.scoring.preprocess import MNIST_SIDE, InputError, mnist_format_many, prepare_upload
 from mnist_dagster.storage import Store, StoredObject
 
@@ -55,7 +55,7 @@ LEDGER_FORMAT = "mnist-dagster/inbox-ledger-v1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BATCH_SUFFIX = ".npz"
 MAX_NPZ_IMAGES_BYTES = 1 << 30  # a larger `images` array is refused: split it into several files
-SCORE_CHUNK = 256  # images per ONNX Runtime call: measured fastest here (128-2048 tried), small enough for cache
+SCORE_CHUNK = PREDICT_CHUNK  # images per ONNX Runtime call (what `Predictor.predict_proba` does for any large array)
 PREDICTION_COLUMNS = [
     "input_id", "input_key", "content_sha256", "digit", "confidence",
     "runner_up", "runner_up_confidence", "model_version", "predicted_at",

@@ -22,6 +22,10 @@ from mnist_dagster.layout import bundle_prefix
 from mnist_dagster.storage import Store
 
 BUNDLE_FORMAT = "mnist-dagster/serving-bundle-v1"
+#: Images per ONNX Runtime call: the default CNN's activations for 256 images stay in the CPU's caches (38k
+#: images on 2 cores, best of 4: 0.55 s in calls of 256, 0.72 s of 1,024, 0.78 s of 2,048; 10k in one call
+#: is slower still), so a large array is scored in calls of this size.
+PREDICT_CHUNK = 256
 INPUT_CONTRACT = {
     "name": "pixels",
     "dtype": "float32",
@@ -119,5 +123,10 @@ class Predictor:
         self.version = bundle.version
 
     def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
-        """`pixels`: float32 (N, 1, 28, 28) in [0, 1] -> calibrated probabilities (N, 10)."""
-        return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+        """`pixels`: float32 (N, 1, 28, 28) in [0, 1] -> calibrated probabilities (N, 10), `PREDICT_CHUNK`
+        images per ONNX Runtime call."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if len(pixels) <= PREDICT_CHUNK:
+            return self.session.run(None, {"pixels": pixels})[0]
+        chunks = range(0, len(pixels), PREDICT_CHUNK)
+        return np.concatenate([self.session.run(None, {"pixels": pixels[i : i + PREDICT_CHUNK]})[0] for i in chunks])
