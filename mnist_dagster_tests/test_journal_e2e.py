@@ -171,7 +171,9 @@ def test_a_store_outage_fills_the_journal_not_memory_and_nothing_is_lost(moto_po
             before = endpoint.rss_bytes()
 
             moto.stop()
-            during = predict_many(endpoint.url, singles=50, batches=40, batch_size=250)
+            # twice the traffic that showed the bound: the allocator's own growth under a loaded machine
+            # (up to 9 MB seen) stays far below half of what waits on disk (~24 MB)
+            during = predict_many(endpoint.url, singles=50, batches=80, batch_size=250)
             labels.update(label_many(endpoint.url, during[:500]))
             def outage_reported() -> int:
                 journal = endpoint.health()["journal"]
@@ -180,7 +182,7 @@ def test_a_store_outage_fills_the_journal_not_memory_and_nothing_is_lost(moto_po
             held = wait_for(outage_reported, timeout=60, message="the shipper to report the outage, segments waiting")
             grown = endpoint.rss_bytes() - before
             print(f"store outage: {held:,} bytes waiting in the journal, server RSS grew {grown:,} bytes")
-            assert held > 12_000_000  # 10,050 predictions and 500 labels wait on disk ...
+            assert held > 22_000_000  # 20,050 predictions and 500 labels wait on disk ...
             assert grown < held / 2, (grown, held)  # ... not in memory
 
             moto = start_moto(moto_port)
