@@ -1,6 +1,6 @@
 """Materialize all, as a user runs it, against its own training time: the pipeline's overhead.
 
-    python benchmarks/pipeline_benchmark.py [--old PATH] [--mnist DIR] [--runs cold,warm] [--epochs N]
+    python benchmarks/pipeline_benchmark.py [--old PATH ...] [--mnist DIR] [--runs cold,warm] [--epochs N]
 
 Runs the real `dagster asset materialize -m mnist_dagster --select '*'` in a fresh `DAGSTER_HOME`, a fresh
 `MNIST_DATA_DIR` (so a fresh MLflow SQLite store and empty caches) and `MNIST_MIRRORS` at a local copy of
@@ -10,8 +10,9 @@ start to step success); `materialize_all` is the wall time of the whole command,
 and `training_seconds` is what `digit_classifier` reports for `fit` alone. The ratio
 `materialize_all / training_seconds` is the pipeline's overhead (issue 20's target: at most 1.3, warm).
 
-With `--old PATH` (a checkout of an earlier commit, e.g. `git worktree add --detach /tmp/old <commit>`) the
-same runs are made with that code in the same invocation, interleaved with the new ones, and printed side by side:
+With `--old PATH` (a checkout of an earlier commit, e.g. `git worktree add --detach /tmp/old <commit>`; repeat
+it for several, labelled by their commits) the same runs are made with that code in the same invocation,
+interleaved with the new ones, and printed side by side:
 the machine is shared and its speed varies, so compare ratios taken in one run, not figures across days.
 """
 
@@ -109,7 +110,8 @@ def run_side_by_side(checkouts: dict[str, Path], mnist: Path, runs: list[str], e
                 print(f"{result.label}: {result.wall_seconds:.1f} s, training {result.training_seconds:.1f} s, "
                       f"ratio {result.ratio:.2f}", flush=True)  # fmt: skip
                 results.append(result)
-    return sorted(results, key=lambda r: (r.label.split()[0] != "old", runs.index(r.label.split()[1])))
+    order = list(checkouts)
+    return sorted(results, key=lambda r: (order.index(r.label.split()[0]), runs.index(r.label.split()[1])))
 
 
 def print_table(results: list[PipelineRun]) -> None:
@@ -129,15 +131,21 @@ def print_table(results: list[PipelineRun]) -> None:
     print("| **materialize_all / training_seconds** | " + " | ".join(f"**{r.ratio:.2f}**" for r in results) + " |")
 
 
+def _commit_of(checkout: Path) -> str:
+    """A checkout's label: its short commit (`old` when it is not a git checkout)."""
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() or "old"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--old", type=Path, help="an older checkout to run the same way, side by side")
+    parser.add_argument("--old", type=Path, action="append", default=[], help="an older checkout, side by side (repeatable)")
     parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="folder with the four MNIST .gz files")
     parser.add_argument("--runs", default="cold,warm", help="cold, warm or both (warm reuses cold's folders)")
     parser.add_argument("--epochs", type=int, help="train this many epochs instead of the default candidate's 3")
     args = parser.parse_args()
     runs = args.runs.split(",")
-    checkouts = {"old": args.old.resolve()} if args.old else {}
+    checkouts = {_commit_of(path): path.resolve() for path in args.old}
     print_table(run_side_by_side({**checkouts, "new": REPO_ROOT}, args.mnist, runs, args.epochs))
 
 
