@@ -133,7 +133,7 @@ def print_table(results: list[PipelineRun]) -> None:
 
 def _commit_of(checkout: Path) -> str:
     """A checkout's label: its short commit (`old` when it is not a git checkout)."""
-    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     return found.stdout.strip() or "old"
 
 
