@@ -16,12 +16,17 @@ the other 8,000 test images only (`judged_indices`: never in the reference; wind
 other, rendered afresh each time), on each input path:
 - json: the 28x28 pixels; upload: PNG uploads 28-400 px, either polarity, through `prepare_upload`;
 - batch: the inbox's .npz pixels, whose table keeps digit and confidence only (no image statistics).
-Clean: `--windows` windows per path. Shifted (one window each, per path): rotated 25 degrees, blurred
-(sigma 1.2), noisy (sigma 0.3), thick strokes (3x3 dilation), class mix skewed to two digits (0 and 1), and
-preprocessing broken after deployment (no centring, on the upload path only: JSON pixels and .npz arrays
-pass through the recipe untouched). Prints false alarms and info findings per path, and per case whether it
-was detected (alarm where the realised accuracy fell >= 1 point, else an info finding naming what changed),
-with estimated vs realised accuracy.
+Clean: `--windows` windows per path: false alarms, info findings, and whether the realised accuracy lies in
+the CBPE estimate's interval. Shifted (`--shifted-windows` windows per case and path): rotated 25 degrees,
+blurred (sigma 1.2), noisy (sigma 0.3), thick strokes (3x3 dilation), class mix skewed to two digits (0 and 1),
+and preprocessing broken after deployment (the recipe without centring, or without polarity detection, as
+`test_serving_check` breaks it; on the upload path only: JSON pixels and .npz arrays pass through the recipe
+untouched). Each window is "detected as required" when it is an alarm where its realised accuracy fell >= 1
+point below the path's clean mean, else an info finding (which names what changed). A last table runs milder
+shifts the same way, to show where detection ends (not part of the acceptance).
+
+Time on the 2-core machine: about 3 minutes with a cached model (most of it the upload windows: 1,000 PNGs
+rendered and decoded each), plus about 3 minutes of training without one.
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ def served_model(raw: dict, epochs: int | None, cache: Path) -> Predictor:
 
         config = TrainingConfig() if epochs is None else TrainingConfig(epochs=epochs)
         trained = train.fit(data.normalise_and_split(raw, VALIDATION_FRACTION, SPLIT_SEED), config, "cpu")
-        print(f"trained {config.architecture}, {config.epochs} epochs; temperature {trained.temperature:.3f} "
-              f"fitted on the validation split")  # fmt: skip
+        print(f"trained cnn-fast (TrainingConfig defaults{'' if epochs is None else ' but --epochs'}), {config.epochs} "
+              f"epochs; temperature {trained.temperature:.3f} fitted by fit on the validation split")  # fmt: skip
         cache.write_bytes(model.export_onnx(trained.checkpoint))
     return Predictor(make_bundle("bench", cache.read_bytes()))
 
@@ -102,8 +107,8 @@ MILDER: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {  # not the accept
     "noisy σ=0.15": lambda x, seed: drift.add_noise(x, 0.15, seed=seed),
     "thick strokes 2x2": lambda x, _: drift.thicken(x, 2),
     "thin strokes 2x2": lambda x, _: drift.erode(x, 2),
-    "off-centre by 3 px": lambda x, _: drift.shift(x, 3),
 }
+OFF_CENTRE = ("off-centre by 3 px", lambda x, _: drift.shift(x, 3))  # pixel paths: the upload recipe re-centres
 SKEWED_DIGITS = (0, 1)
 
 
@@ -153,6 +158,7 @@ class Tally:
 
     verdicts: list[str] = field(default_factory=list)
     alarms: int = 0
+    severe: int = 0
     infos: int = 0
     named: set[str] = field(default_factory=set)
     detected: int = 0
@@ -162,6 +168,7 @@ class Tally:
 
     def add(self, report: drift.DriftReport, truth, baseline: float) -> None:
         self.alarms += report.drift_detected
+        self.severe += report.severity == "severe"
         self.infos += report.severity == "info"
         if report.severity == "info":
             self.named |= {s.name for s in report.moved()}
@@ -172,7 +179,7 @@ class Tally:
         self.covered += report.estimate.low <= truth.accuracy <= report.estimate.high
 
     def verdict(self) -> str:
-        parts = [f"alarm {self.alarms}"] if self.alarms else []
+        parts = [f"alarm {self.alarms} ({self.severe} severe)"] if self.alarms else []
         parts += [f"info {self.infos} ({', '.join(sorted(self.named))})"] if self.infos else []
         quiet = len(self.realised) - self.alarms - self.infos
         return "; ".join(parts + ([f"quiet {quiet}"] if quiet else []))
@@ -249,6 +256,7 @@ def main() -> None:
     total = len(cases) * args.shifted_windows
     print(f"\ndetected as required: {rate(hits, total)} shifted windows")
     milder = [Case(name, path, pool, perturb) for name, perturb in MILDER.items() for path in PATHS]
+    milder += [Case(OFF_CENTRE[0], path, pool, OFF_CENTRE[1]) for path in ("json", "batch")]
     shifted_table("Milder shifts (not the acceptance: where detection ends)", milder, model, reference, raw, args,
                   baseline, first_seed=50_000)  # fmt: skip
 
