@@ -223,8 +223,9 @@ def main() -> None:
 
     from mnist_dagster.ml.data import parse_sources
 
-    raw = {k: v.numpy() for k, v in real_mnist(parse_sources(os.environ.get("MNIST_MIRRORS"))).items()}
-    model = served_model(raw, args.epochs, args.model)
+    tensors = real_mnist(parse_sources(os.environ.get("MNIST_MIRRORS")))
+    model = served_model(tensors, args.epochs, args.model)
+    raw = {name: tensor.numpy() for name, tensor in tensors.items()}
     started = time.perf_counter()
     reference = build_serving_reference(model, raw["test_images"])
     print(f"served graph {args.model} (calibration inside); reference built in {time.perf_counter() - started:.1f} s")
