@@ -1,12 +1,11 @@
 """The drift statistics (`ml/drift.py`) and the label-free accuracy (`ml/cbpe.py`): the pieces on constructed
-data, both ways; then on real MNIST and a real model (calibrated here by a temperature fitted on held-out
-training images), the issue's behaviour per input path.
+data, both ways; then on real MNIST and a real model (the served ONNX graph of `ml.train.fit`, its temperature
+fitted on its validation split and inside the graph), the issue's behaviour per input path.
 
 Where images come from, so that a reference and what is judged against it never share one:
 - generated digits: references from seed 11, judged windows from seeds 12 and up;
 - real MNIST: the reference is built by `lifecycle.reference` from every fifth test image (the pipeline's
-  own rule); judged windows are the other 8,000 (`judged_indices`); the temperature is fitted on training images
-  10,000-14,999, which the model (trained on the first 10,000) never saw.
+  own rule); judged windows are the other 8,000 (`judged_indices`).
 """
 
 import numpy as np
@@ -109,23 +108,12 @@ def test_thresholds_are_config(reference):
 
 @pytest.fixture(scope="module")
 def served(real_mnist_dir):
-    """(calibrated predictor, its reference, judged test images, their labels)."""
-    train_images, train_labels, test_images, test_labels = real_test_set(real_mnist_dir)
-    raw = Predictor(real_model(real_mnist_dir))
-    held_out = train_images[10_000:15_000].reshape(-1, 1, 28, 28).astype(np.float32) / 255
-    temperature = cbpe.fit_temperature(raw.predict_proba(held_out), train_labels[10_000:15_000])
-    model = _Calibrated(raw, temperature)
+    """(the served graph, calibration inside, its reference, judged test images, their labels)."""
+    _, _, test_images, test_labels = real_test_set(real_mnist_dir)
+    model = Predictor(real_model(real_mnist_dir))
     reference = build_serving_reference(model, test_images)
     judged = judged_indices(len(test_images))
     return model, reference, test_images[judged], test_labels[judged].astype(np.int64)
-
-
-class _Calibrated:
-    def __init__(self, predictor: Predictor, temperature: float) -> None:
-        self.predictor, self.temperature = predictor, temperature
-
-    def predict_proba(self, pixels: np.ndarray) -> np.ndarray:
-        return cbpe.at_temperature(self.predictor.predict_proba(pixels), self.temperature)
 
 
 def _answers(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,15 @@ def clean_traffic(count: int, seed: int, a: float = 60.0) -> tuple[np.ndarray, n
     return images / 255, labels, sure(count, seed=seed, a=a)
 
 
+def batch_table(store, count: int, seed: int, name: str) -> None:
+    """What the nightly batch writes: a Parquet table of digit, confidence and model version."""
+    table = pd.DataFrame({"digit": np.arange(count) % 10, "confidence": sure(count, seed),
+                          "model_version": [VERSION] * count})  # fmt: skip
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    store.write_bytes(f"predictions/scored/date=2026-12-01/{name}.parquet", buffer.getvalue())
+
+
 def run(resources, instance, config: dict | None = None) -> tuple[dict, dg.AssetCheckEvaluation]:
     result = dg.materialize(
         [prediction_drift], resources=resources, instance=instance,
@@ -157,10 +166,7 @@ def test_each_arm_and_input_path_is_its_own_window_against_its_own_reference(
     log_traffic(store, *clean_traffic(400, seed=9), input_path="json")
     log_traffic(store, *clean_traffic(400, seed=10), input_path="upload")
     log_traffic(store, *clean_traffic(400, seed=11, a=8.0), version=CHALLENGER, arm="challenger")
-    table = pd.DataFrame({"digit": np.arange(300) % 10, "confidence": sure(300, 12), "model_version": [VERSION] * 300})
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    store.write_bytes("predictions/scored/date=2026-12-01/run-1.parquet", buffer.getvalue())
+    batch_table(store, 300, seed=12, name="run-1")
 
     metadata, check = run(dev_test_resources, instance)
     found = windows(metadata)
@@ -175,6 +181,53 @@ def test_each_arm_and_input_path_is_its_own_window_against_its_own_reference(
 
     metadata, _ = run(dev_test_resources, instance)
     assert metadata["traffic"] == 0  # the table and the log objects were consumed once
+
+
+def test_a_small_window_waits_while_others_are_judged_and_is_judged_once_it_has_enough(
+    store, deployed, dev_test_resources, instance
+):
+    store.write_bytes(drift_reference_key(CHALLENGER), reference_for(31).to_json())
+    challenger, production = f"challenger/v{CHALLENGER}/json", f"production/v{VERSION}/json"
+    log_traffic(store, *clean_traffic(400, seed=40))
+    log_traffic(store, *clean_traffic(120, seed=41, a=8.0), version=CHALLENGER, arm="challenger")  # a tenth-ish
+    metadata, check = run(dev_test_resources, instance, {"min_traffic": 200})
+    assert set(windows(metadata)) == {production} and check.passed
+    assert metadata["not_judged"] == [f"{challenger}: 120 predictions, fewer than min_traffic: kept for the next run"]
+
+    log_traffic(store, *clean_traffic(300, seed=42))
+    log_traffic(store, *clean_traffic(120, seed=43, a=8.0), version=CHALLENGER, arm="challenger")
+    metadata, check = run(dev_test_resources, instance, {"min_traffic": 200})
+    found = windows(metadata)
+    assert found[production]["traffic"] == 300  # each prediction judged once
+    assert found[challenger]["traffic"] == 240 and found[challenger]["severity"] == "severe" and not check.passed
+
+    metadata, _ = run(dev_test_resources, instance, {"min_traffic": 200})
+    assert metadata["traffic"] == 0  # nothing waits any more
+
+
+def test_a_waiting_batch_window_reads_its_tables_again_and_one_that_waited_too_long_is_let_go(
+    store, deployed, dev_test_resources, instance
+):
+    batch = f"production/v{VERSION}/batch"
+    log_traffic(store, *clean_traffic(400, seed=44))
+    batch_table(store, 150, seed=45, name="run-1")
+    metadata, _ = run(dev_test_resources, instance, {"min_traffic": 200})
+    assert batch not in windows(metadata) and metadata["not_judged"][0].startswith(f"{batch}: 150 predictions")
+
+    log_traffic(store, *clean_traffic(300, seed=46))
+    batch_table(store, 150, seed=47, name="run-2")
+    metadata, _ = run(dev_test_resources, instance, {"min_traffic": 200})
+    assert windows(metadata)[batch]["traffic"] == 300 and windows(metadata)[batch]["severity"] == "none"
+
+    log_traffic(store, *clean_traffic(300, seed=48))
+    batch_table(store, 50, seed=49, name="run-3")
+    run(dev_test_resources, instance, {"min_traffic": 200})  # the 50 wait ...
+    log_traffic(store, *clean_traffic(300, seed=50))
+    metadata, _ = run(dev_test_resources, instance, {"min_traffic": 200, "max_wait_days": 0})  # ... too long
+    assert batch not in windows(metadata) and "let go unjudged" in metadata["not_judged"][0]
+    log_traffic(store, *clean_traffic(300, seed=51))
+    metadata, _ = run(dev_test_resources, instance, {"min_traffic": 200})
+    assert metadata["traffic"] == 300 and metadata["not_judged"] == []
 
 
 def test_realised_accuracy_from_feedback_stands_beside_the_estimate(store, deployed, dev_test_resources, instance):

@@ -9,6 +9,7 @@ pandas and scipy, so each is imported in the one step that uses it and loading t
 """
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 import dagster as dg
@@ -20,7 +21,8 @@ from mnist_dagster.resources.storage import StorageResource
 
 DRIFT_CHECK = "no_prediction_drift"
 STATISTIC_COLUMNS = [
-    "window", "statistic", "test", "value", "p_value", "moderate", "severe", "severity", "reference", "current",
+    "window", "statistic", "test", "value", "p_value", "alpha", "moderate", "severe", "severity", "reference",
+    "current",
 ]  # fmt: skip
 WINDOW_COLUMNS = [
     "window", "traffic", "severity", "estimated_accuracy", "reference_accuracy", "realised_accuracy", "reference",
@@ -32,9 +34,12 @@ WHY_LEVELS = (
     "gives p < alpha. INFO: input statistics (class mix, confidence, ink, intensity, bounding box, centre) moved "
     "by an effect past their threshold (PSI, KS's D) with p < alpha (two-sample chi-square on bins merged to "
     "expected counts >= 5, or KS); they say what changed and alone never alarm. alpha = 0.001 per test: a "
-    "clean window runs about eight tests, so chance alone flags fewer than 1 in 100. Each window is one arm, one "
-    "version, one input path, against that version's reference for that path. Defaults measured by "
-    "benchmarks/drift_benchmark.py (docs/monitoring-verdicts.md)."
+    "clean window runs at most eight tests, so chance alone flags at most 0.8% of clean windows (Bonferroni), "
+    "and an alarm needs the 1-point drop besides. Repeated runs stay valid: each prediction is judged once, in "
+    "one window (the cursor moves past what was judged; a window under min_traffic waits, untested, until it "
+    "has enough), so each day's tests are on fresh traffic and keep their level, with no re-testing of "
+    "accumulating data. Each window is one arm, one version, one input path, against that version's reference "
+    "for that path. Defaults measured by benchmarks/drift_benchmark.py (docs/monitoring-verdicts.md)."
 )
 
 
@@ -49,6 +54,7 @@ class DriftConfig(dg.Config):
     class_psi: float = 0.1
     feature_psi: float = 0.1
     confidence_ks: float = 0.1
+    max_wait_days: float = 7.0  # a window below min_traffic waits this long for more, then is let go
     accept_reference: bool = False  # the operator accepts this traffic as normal: it becomes the reference
 
     def thresholds(self) -> "ml.drift.DriftThresholds":
@@ -87,23 +93,27 @@ def prediction_drift(
     from mnist_dagster.lifecycle import drift_windows
 
     store = storage.open()
-    cursor = drift_windows.read_cursor(store)
-    windows, next_cursor = drift_windows.read_windows(store, cursor, config.settle_seconds)
+    now = datetime.now(timezone.utc)
+    windows, read_to = drift_windows.read_windows(store, drift_windows.read_cursor(store), config.settle_seconds)
     big = [w for w in windows if len(w) >= config.min_traffic]
     count = sum(len(w) for w in windows)
-    if not big:
+    if not big:  # the cursor stays: all of it waits for the next run
         return _nothing_judged(
             f"{count} new predictions, no window (arm/version/input) with min_traffic={config.min_traffic}: "
             "they are judged with the next run's", count,
         )  # fmt: skip
+    small = [w for w in windows if len(w) < config.min_traffic]
+    let_go = [w for w in small if drift_windows.waited_too_long(w, now, config.max_wait_days)]
+    waiting = [w for w in small if w not in let_go]
+    unjudged = [f"{w.name}: {len(w)} predictions, fewer than min_traffic: kept for the next run" for w in waiting]
+    unjudged += [f"{w.name}: {len(w)} predictions after waiting {config.max_wait_days} days since "
+                 f"{w.waiting_since}: let go unjudged" for w in let_go]  # fmt: skip
     if config.accept_reference:
         replaced = drift_windows.accept_as_reference(store, big, f"run {context.run_id[:8]}")
         result = _nothing_judged(f"accepted as the reference: {', '.join(replaced)}", count)
     else:
         labels = drift_windows.feedback_labels(store)
         verdicts = []
-        small = [w for w in windows if len(w) < config.min_traffic]
-        unjudged = [f"{w.name}: {len(w)} predictions, fewer than min_traffic" for w in small]
         for window in big:
             reference = drift_windows.read_reference(store, window.version)
             if reference is None:
@@ -111,7 +121,8 @@ def prediction_drift(
                 continue
             verdicts.append(drift_windows.judge(window, reference, config.thresholds(), labels))
         result = _judged(verdicts, unjudged, config)
-    store.write_bytes(DRIFT_CURSOR_KEY, json.dumps(next_cursor).encode())  # last: a failed run re-reads
+    cursor = drift_windows.next_cursor(read_to, waiting, now)
+    store.write_bytes(DRIFT_CURSOR_KEY, json.dumps(cursor).encode())  # last: a failed run re-reads
     context.log.info(result.metadata["summary"])
     return result
 
@@ -162,8 +173,10 @@ def _summary(verdicts: list, unjudged: list[str]) -> str:
     for verdict in verdicts:
         report, name = verdict.report, verdict.window.name
         moved = report.moved()
-        head = f"{report.severity if moved else 'no'} drift in {name} ({report.traffic} predictions, estimated " \
+        head = (
+            f"{report.severity if moved else 'no'} drift in {name} ({report.traffic} predictions, estimated "
             f"accuracy {report.estimate.accuracy:.2%} vs {report.reference_accuracy:.2%})"
+        )
         parts.append(head + (": " + "; ".join(_moved_text(s) for s in moved) if moved else ""))
     return " | ".join(parts + [f"not judged: {u}" for u in unjudged])
 
@@ -181,7 +194,7 @@ def _window_row(verdict) -> dict[str, Any]:
 def _row(window: str, statistic) -> dict[str, Any]:
     return {
         "window": window, "statistic": statistic.name, "test": statistic.test, "value": round(statistic.value, 4),
-        "p_value": float(f"{statistic.p_value:.3g}"), "moderate": statistic.moderate, "severe": statistic.severe,
+        "p_value": float(f"{statistic.p_value:.3g}"), "alpha": statistic.alpha, "moderate": statistic.moderate, "severe": statistic.severe,
         "severity": statistic.severity, "reference": statistic.reference, "current": statistic.current,
     }  # fmt: skip
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
@@ -64,23 +62,3 @@ def realised_accuracy(correct: int, count: int, level: float = LEVEL) -> Accurac
         return None
     low, high = proportion_confint(correct, count, alpha=1 - level, method="wilson")
     return AccuracyEstimate(correct / count, float(low), float(high), count, level, WILSON_METHOD)
-
-
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T minimising the negative log-likelihood of softmax(log p / T) on labelled held-out
-    predictions (softmax(log p / T) = softmax(logits / T), so served probabilities suffice). For graphs
-    served without their temperature yet (the drift benchmark, tests); the pipeline's own calibration is
-    `ml.calibrate`'s, baked into the ONNX graph."""
-    log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1))
-    labels = np.asarray(labels, dtype=np.int64)
-
-    def nll(temperature: float) -> float:
-        return float(-log_softmax(log_p / temperature, axis=1)[np.arange(len(labels)), labels].mean())
-
-    return float(minimize_scalar(nll, bounds=(0.05, 10.0), method="bounded").x)
-
-
-def at_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities rescaled to `temperature`."""
-    log_p = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1))
-    return softmax(log_p / temperature, axis=1)
