@@ -183,6 +183,21 @@ def test_each_arm_and_input_path_is_its_own_window_against_its_own_reference(
     assert metadata["traffic"] == 0  # the table and the log objects were consumed once
 
 
+def test_shadow_amendment_lines_in_the_log_are_skipped_not_a_crash(store, deployed, dev_test_resources, instance):
+    """In shadow mode the challenger's digits follow as amendment lines (no model_version, no confidence)."""
+    images, digits, confidences = clean_traffic(300, seed=13)
+    ids = log_traffic(store, images, digits, confidences)
+    shadowed = PredictionLog(store)
+    records = [PredictionRecord(time.time(), prediction_id, "production", VERSION, int(digit), 0.9, "predict",
+                                pixels.astype(np.float32), shadow_digit=int(digit), shadow_version=CHALLENGER)
+               for prediction_id, digit, pixels in zip(ids, digits, images)]  # fmt: skip
+    assert shadowed.record_shadow(records)
+    shadowed.flush()
+    metadata, check = run(dev_test_resources, instance)
+    assert metadata["traffic"] == 300 and check.passed  # the 300 answers, each once; the amendments skipped
+    assert set(windows(metadata)) == {f"production/v{VERSION}/json"}
+
+
 def test_a_small_window_waits_while_others_are_judged_and_is_judged_once_it_has_enough(
     store, deployed, dev_test_resources, instance
 ):

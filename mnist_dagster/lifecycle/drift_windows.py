@@ -30,7 +30,7 @@ from mnist_dagster.layout import DRIFT_CURSOR_KEY, SCORED_PREFIX, drift_referenc
 from mnist_dagster.ml import drift
 from mnist_dagster.ml.cbpe import AccuracyEstimate, realised_accuracy
 from mnist_dagster.serving.feedback import latest_labels, read_feedback
-from mnist_dagster.serving.prediction_log import decode_images, log_objects_after, object_stamp
+from mnist_dagster.serving.prediction_log import AMENDS, decode_images, log_objects_after, object_stamp
 from mnist_dagster.storage import Store
 
 
@@ -125,7 +125,11 @@ def _window(windows: dict, key: tuple[str, str, str], since: str, waiting: dict)
 
 
 def _add_line(windows: dict, line: dict, stamp: str, log_after: str, waiting: dict) -> None:
-    """One log line, if it has not been judged: written after the cursor, or its window is waiting since before."""
+    """One log line, if it has not been judged: written after the cursor, or its window is waiting since before.
+    A shadow amendment (the challenger's digit for an answer already logged, no confidence, no image) is not
+    an answer anyone was served: skipped."""
+    if AMENDS in line:
+        return
     key = (line.get("arm", "production"), str(line["model_version"]), line.get("input") or "json")
     earlier = waiting.get(_window_key(*key))
     if stamp <= log_after and (earlier is None or stamp <= earlier["since"]):
