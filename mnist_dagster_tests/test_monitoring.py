@@ -108,6 +108,17 @@ def test_without_traffic_or_reference_it_succeeds_and_says_why(store, dev_test_r
     assert f"no drift reference for version {VERSION}" in metadata["summary"] and check.passed
     assert not metadata["drift_detected"]
 
+    store.write_bytes(drift_reference_key(VERSION), b'{"format": "drift-reference-v1", "confidences": []}')
+    log_traffic(store, *clean_traffic(300, seed=2))
+    metadata, check = run(dev_test_resources, instance)  # an older format's reference: as good as none
+    assert f"no drift reference for version {VERSION}" in metadata["summary"] and check.passed
+    log_traffic(store, *clean_traffic(300, seed=5))
+    metadata, _ = run(dev_test_resources, instance, {"accept_reference": True})
+    assert "accepted as the reference" in metadata["summary"]
+    log_traffic(store, *clean_traffic(300, seed=6))
+    metadata, check = run(dev_test_resources, instance)  # judged against the accepted window
+    assert list(windows(metadata)) == [f"production/v{VERSION}/json"] and check.passed
+
 
 def test_too_little_traffic_waits_for_the_next_run(store, deployed, dev_test_resources, instance):
     log_traffic(store, *clean_traffic(50, seed=3))

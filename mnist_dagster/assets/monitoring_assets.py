@@ -117,7 +117,8 @@ def prediction_drift(
         for window in big:
             reference = drift_windows.read_reference(store, window.version)
             if reference is None:
-                unjudged.append(f"{window.name}: no drift reference for version {window.version}")
+                unjudged.append(f"{window.name}: no drift reference for version {window.version} (none saved, or "
+                                "one of an older format: deploy it again, or accept a window as its reference)")
                 continue
             verdicts.append(drift_windows.judge(window, reference, config.thresholds(), labels))
         result = _judged(verdicts, unjudged, config)

@@ -164,8 +164,16 @@ def _add_batch_rows(windows: dict, store: Store, new_tables: list[str], waiting:
 
 
 def read_reference(store: Store, version: str) -> drift.DriftReference | None:
+    """`version`'s drift reference; None when none was saved, or when it was saved in an older format (a
+    model deployed before `drift.FORMAT` changed): that version is then not judged, and says so, until it
+    is deployed again or a window of its traffic is accepted as its reference (`accept_reference`)."""
     key = drift_reference_key(version)
-    return drift.DriftReference.from_json(store.read_bytes(key)) if store.exists(key) else None
+    if not store.exists(key):
+        return None
+    try:
+        return drift.DriftReference.from_json(store.read_bytes(key))
+    except ValueError:  # another format's reference: as good as none for this code
+        return None
 
 
 def judge(

@@ -136,7 +136,7 @@ def drift_histograms_png(
     histograms: dict[str, tuple[Sequence[float], Sequence[float]]], moved: Sequence[str] = ()
 ) -> bytes:
     """prediction_drift's figure: per statistic, the reference shares (grey) against the current window's
-    (blue; red where that statistic passed a threshold). Feature bins are the training deciles, so a
+    (blue; red where that statistic passed a threshold). Feature bins are the reference's deciles, so a
     reference bar near 0.1 in every bin is the expected picture."""
     names = list(histograms)
     columns = 4
