@@ -319,4 +319,5 @@ def test_slack_hears_each_alarm_once_and_no_info(store, deployed, dev_test_resou
     assert len(stub.delivered) == 1
     text = stub.delivered[0]["text"]
     assert "Prediction drift (severe)" in text and f"model version {VERSION}" in text
+    assert f"worst in `production/v{VERSION}/json`" in text and f"• `production/v{VERSION}/json` `estimated_accuracy`" in text
     assert "`estimated_accuracy`" in text and "CBPE" in text and "≥ 0.03" in text

@@ -147,6 +147,7 @@ def _judged(verdicts: list, unjudged: list[str], config: DriftConfig) -> dg.Mate
         "severity": severity,
         "traffic": sum(v.report.traffic for v in verdicts),
         "model_version": worst.window.version if worst else "",
+        "worst_window": worst.window.name if worst else "",  # arm/version/input path
         "summary": summary,
         "windows": table([_window_row(v) for v in verdicts], WINDOW_COLUMNS),
         "not_judged": dg.MetadataValue.json(unjudged),

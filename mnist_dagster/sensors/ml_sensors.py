@@ -295,14 +295,15 @@ def _drift_text(metadata: dict, run_id: str, run_url: str) -> str | None:
     icon = ":rotating_light:" if metadata.get("severity") == "severe" else ":warning:"
     lines = [
         (
-            f"{icon} *Prediction drift ({metadata.get('severity')})* on production model version "
-            f"{metadata.get('model_version')}: {metadata.get('traffic')} predictions since the last check moved."
+            f"{icon} *Prediction drift ({metadata.get('severity')})*, worst in `{metadata.get('worst_window')}` "
+            f"(model version {metadata.get('model_version')}): {metadata.get('traffic')} predictions since the last "
+            "check judged."
         )
     ]
     for row in metadata.get("moved") or []:
         limit = row["severe"] if row["severity"] == "severe" else row["moderate"]
         lines.append(
-            f"• `{row['statistic']}` {_escape(str(row['reference']))} → {_escape(str(row['current']))} "
+            f"• `{row['window']}` `{row['statistic']}` {_escape(str(row['reference']))} → {_escape(str(row['current']))} "
             f"({_escape(row['test'])}: {row['value']} ≥ {limit}, p={row['p_value']})"
         )
     if run_id:
