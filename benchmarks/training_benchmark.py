@@ -226,7 +226,8 @@ def main() -> None:
     baseline = [run["training_seconds"] for run in results["runs"] if run["code"] == "baseline"]
     ours = [run["training_seconds"] for run in results["runs"] if run["code"] == "ours" and run["seed"] == 0]
     if baseline:
-        print(f"\nours / baseline training time: {sum(ours) / sum(baseline):.2f}x wall (means of {len(ours)} and {len(baseline)} runs)")
+        ratio = (sum(ours) / len(ours)) / (sum(baseline) / len(baseline))
+        print(f"\nours / baseline training time: {ratio:.2f}x wall (means of {len(ours)} and {len(baseline)} runs)")
         cpu = [sum(r["cpu_seconds"] for r in results["runs"] if r["code"] == code and r["seed"] == 0) for code in ("ours", "baseline")]
         print(f"ours / baseline CPU time: {cpu[0] / len(ours) / (cpu[1] / len(baseline)):.2f}x (the machine's other load does not count)")
     if args.peers:

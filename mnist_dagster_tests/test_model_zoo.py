@@ -215,7 +215,10 @@ def test_sweep_of_two_candidates_reports_the_leaderboard_and_hands_the_winner_to
     rows = [record.data for record in metadata["leaderboard"].records]
     assert {row["candidate"] for row in rows} == {"cnn-fast", "resnet"}
     assert set(rows[0]) >= {"architecture", "augmentation", "parameters", "val_accuracy", "test_accuracy",
-                            "training_seconds", "onnx_ms_per_image"}  # fmt: skip
+                            "expected_calibration_error", "robustness_worst_accuracy", "training_seconds",
+                            "onnx_ms_per_image"}  # fmt: skip
+    for row in rows:
+        assert 0 <= row["robustness_worst_accuracy"] <= 1 and 0 <= row["expected_calibration_error"] <= 1
     best = max(rows, key=lambda row: row["val_accuracy"])
     assert metadata["winner"] == best["candidate"] and "validation accuracy" in metadata["chosen_on"]
     assert "data:image/png;base64," in metadata["accuracy_vs_training_time"]

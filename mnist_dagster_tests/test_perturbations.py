@@ -1,8 +1,11 @@
 """The perturbations other hands and uploads bring (`ml.augment`): seeded, deterministic, in range, each doing
 what its name says, and the `robust` training policy that mixes them."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnist_dagster.ml import augment
 
@@ -77,3 +80,29 @@ def test_the_robust_policy_is_seeded_deterministic_and_works_in_standardised_uni
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     assert draws[0].min() >= background - 1e-5 and draws[0].max() <= standardised.max() + 1e-5
     assert ((draws[0] - standardised).abs().amax(dim=(1, 2, 3)) > 0.05).float().mean() >= 0.75  # most changed
+
+
+def test_noise_is_the_evaluations_noise_in_either_scale():
+    """`noise` on [0, 1] pixels adds Gaussian noise of `strength` and clips to [0, 1] (the evaluation's noise
+    row); on standardised images it is that same noise, standardised."""
+    mean, std = 0.13, 0.31
+    pixels = rings(16)
+    noisy = augment.noise(pixels, torch.Generator().manual_seed(0), 0.3)
+    drawn = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(noisy, (pixels + 0.3 * drawn).clamp(0, 1))
+    standardised = augment.noise((pixels - mean) / std, torch.Generator().manual_seed(0), 0.3, background=-mean / std)
+    assert torch.allclose(standardised * std + mean, noisy, atol=1e-5)
+
+
+def test_the_elastic_fields_are_blurred_as_reflect_padding_and_convolving_would():
+    """`_gaussian_blur` as two matrix products is the same linear map as a reflect-padded separable convolution."""
+    fields = torch.rand(3, 2, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for sigma in (1.0, 4.0):
+        radius = min(math.ceil(4 * sigma), 27)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        padded = F.pad(fields, (radius,) * 4, mode="reflect")
+        rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(2, 1, 1, -1), groups=2)
+        convolved = F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(2, 1, -1, 1), groups=2)
+        assert torch.allclose(augment._gaussian_blur(fields, sigma), convolved, atol=1e-6), sigma

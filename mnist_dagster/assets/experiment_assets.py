@@ -29,7 +29,7 @@ from mnist_dagster.scoring.bundle import Predictor, make_bundle
 CANDIDATE_LEADERBOARD = dg.AssetKey("candidate_leaderboard")
 LEADERBOARD_COLUMNS = [
     "candidate", "architecture", "augmentation", "parameters", "val_accuracy", "test_accuracy",
-    "training_seconds", "onnx_ms_per_image",
+    "expected_calibration_error", "robustness_worst_accuracy", "training_seconds", "onnx_ms_per_image",
 ]  # fmt: skip
 
 candidate_leaderboard = dg.AssetSpec(
@@ -75,22 +75,23 @@ def plan_sweep(context: dg.OpExecutionContext, config: SweepConfig, mlflow: Mlfl
 def train_candidate(
     context: dg.OpExecutionContext, plan: dict, processed: dict, compute: ComputeResource, mlflow: MlflowTracking
 ) -> dict:
-    """Train one candidate (a child MLflow run), then measure it: test accuracy, ONNX latency."""
+    """Train one candidate (a child MLflow run), then measure it: test accuracy, calibration error after its
+    temperature, worst accuracy in the evaluation's robustness table, ONNX latency."""
     name = plan["candidate"]
     settings = candidate(name, **plan["overrides"])
     tags = {STARTED_BY_TAG: context.run_id, "mlflow.parentRunId": plan["parent_run_id"], "candidate": name}
     record = train_and_record(context.log, processed, settings, compute, mlflow, f"{name}-{context.run_id[:8]}", tags)
-    test_accuracy = _test_accuracy(record, processed, compute.resolve_device())
+    scores = _test_scores(record, processed, compute.resolve_device())
     milliseconds = _onnx_ms_per_image(record.onnx, processed)
     with mlflow.start_run(run_id=record.run_id):
-        mlflow.log_metrics({"test_accuracy": test_accuracy, "onnx_ms_per_image": milliseconds})
+        mlflow.log_metrics({**scores, "onnx_ms_per_image": milliseconds})
     return {
         "candidate": name,
         "architecture": settings.architecture,
         "augmentation": settings.augmentation,
         "parameters": record.trained.parameters,
         "val_accuracy": round(record.trained.history[-1].val_accuracy, 5),
-        "test_accuracy": round(test_accuracy, 5),
+        **{key: round(value, 5) for key, value in scores.items()},
         "training_seconds": round(record.trained.seconds, 1),
         "onnx_ms_per_image": round(milliseconds, 3),
         "settings": settings.as_params(),
@@ -99,9 +100,18 @@ def train_candidate(
     }
 
 
-def _test_accuracy(record: TrainingRecord, processed: dict, device: str) -> float:
+def _test_scores(record: TrainingRecord, processed: dict, device: str) -> dict[str, float]:
+    """Test accuracy, ECE (as served: after the temperature) and the worst robustness condition, in one pass."""
     split = ml.data.NormalisedSplit.from_dict(processed)
-    return ml.evaluate.evaluate(record.trained.model, split.test_images, split.test_labels, device).accuracy
+    evaluation, scored = ml.evaluate.score_in_one_pass(
+        record.trained.model, split.test_images, split.test_labels, split.mean, split.std, device
+    )
+    metrics = ml.evaluate.run_metrics(scored, ["calibration", "robustness"])
+    return {
+        "test_accuracy": evaluation.accuracy,
+        "expected_calibration_error": metrics["calibration"].scalars["expected_calibration_error"],
+        "robustness_worst_accuracy": metrics["robustness"].scalars["robustness_worst_accuracy"],
+    }
 
 
 def _onnx_ms_per_image(onnx: bytes, processed: dict, requests: int = 200) -> float:

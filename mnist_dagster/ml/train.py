@@ -2,7 +2,8 @@
 one-cycle learning rate, over the one block of defaults in `mnist_dagster.ml.config`.
 
 MNIST fits in memory many times over, so batches are sliced from tensors directly (no DataLoader
-workers to start); on CUDA the data is moved once and mixed precision is used.
+workers to start); on CUDA the data is moved once. Mixed precision (bf16 autocast) is used wherever the
+device computes bf16 natively: CUDA GPUs that have it, and CPUs with AVX512-BF16 or AMX (`native_bf16`).
 
 Data-parallel (DDP): when a `torch.distributed` process group is up (torchrun started this process,
 see `ml.distributed`), the same `fit` trains a `DistributedDataParallel` model. Every rank draws the
@@ -167,10 +168,11 @@ def train(
 ) -> list[EpochStats]:
     """Train `model` in place and return one `EpochStats` per epoch (`fit` is the entry point).
 
-    `mixed_precision` means bf16 autocast on CUDA; the CPU path always trains in float32.
+    `mixed_precision` means bf16 autocast where the device computes bf16 natively (`native_bf16`); elsewhere
+    float32. Either way the same seed on the same machine gives the same weights.
     """
     target = torch.device(device)
-    use_amp = mixed_precision and target.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    use_amp = mixed_precision and native_bf16(target)
     # channels-last: oneDNN's convolutions run about 1.5x faster per image on CPU in this layout (see
     # benchmarks/training_benchmark.py); the weights go back to the usual layout when training ends.
     model.to(target, memory_format=torch.channels_last)
@@ -192,9 +194,11 @@ def train(
         total_loss = torch.zeros((), device=target)
         for start in range(0, len(x), config.batch_size):
             batch = order[start : start + config.batch_size]
+            # the whole global batch is augmented on every rank (the generator stays in step across ranks), in
+            # float32 outside autocast: the same warps whatever the precision of the network
+            inputs = augment_batch(x[batch], config, generator, background)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
-                # the whole global batch is augmented on every rank: the generator stays in step across ranks
-                inputs = augment_batch(x[batch], config, generator, background).contiguous(memory_format=torch.channels_last)
                 loss, images = _shard_loss(network, shard.take(inputs), shard.take(y[batch]), len(batch), shard, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,6 +222,17 @@ def train(
             on_epoch(stats)
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 in hardware: a CUDA GPU that has it, or a CPU whose oneDNN kernels have it
+    (AVX512-BF16 or AMX). There, bf16 autocast trains the default CNN in about 0.78x the float32 time per image
+    (benchmarks/training_benchmark.py); emulated bf16 would be slower than float32, so it is never used."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def _data_parallel(model: nn.Module, target: torch.device, shard: Shard) -> nn.Module:

@@ -1,7 +1,8 @@
 """Where training and evaluation run: `MNIST_DEVICE` = auto (CUDA when present), cpu or cuda.
 
-The CUDA path (pinned-memory transfer of the whole dataset once, bf16 autocast) lives in
-`mnist_dagster.ml.train`; the CPU path always trains in float32, whatever `mixed_precision` says.
+The CUDA path (pinned-memory transfer of the whole dataset once) lives in `mnist_dagster.ml.train`;
+`mixed_precision` is bf16 autocast wherever the device has bf16 in hardware (CUDA, or a CPU with AVX512-BF16
+or AMX: `ml.train.native_bf16`), float32 elsewhere.
 """
 
 import dagster as dg
@@ -93,7 +94,7 @@ def check_device(device: str) -> str:
 
 class ComputeResource(dg.ConfigurableResource):
     device: str = "auto"
-    mixed_precision: bool = True  # bf16 autocast on CUDA; the CPU path always runs float32
+    mixed_precision: bool = True  # bf16 autocast where the device has bf16 in hardware (ml.train.native_bf16)
 
     def resolve_device(self) -> str:
         """`cpu` or `cuda`; `cuda` without a GPU is an error rather than a silent, slow CPU run."""
