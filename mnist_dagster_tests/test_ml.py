@@ -116,6 +116,22 @@ def test_normalise_uses_training_statistics():
     assert split.test_images.shape == (50, 1, 28, 28)
 
 
+def test_a_split_is_stored_as_its_digits_and_comes_back_bit_for_bit():
+    """processed_mnist_data stores each part's uint8 digits (a quarter of the bytes), not its floats."""
+    split = generated_split(600, seed=3, val_fraction=0.2)
+    stored = data.tensors_to_bytes(split.as_dict())
+    assert {"train_digits", "val_digits", "test_digits"} <= set(split.as_dict()) and "train_images" not in split.as_dict()
+    back = data.NormalisedSplit.from_dict(data.tensors_from_bytes(stored))
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(back, f"{part}_images"), getattr(split, f"{part}_images")), part  # bit for bit
+        assert torch.equal(getattr(back, f"{part}_labels"), getattr(split, f"{part}_labels")), part
+    assert (back.mean, back.std) == (split.mean, split.std)
+    floats_only = data.NormalisedSplit(**{k: v for k, v in vars(split).items() if k != "digits"})  # built by hand
+    assert "train_images" in floats_only.as_dict()  # stored as floats, as given
+    assert torch.equal(floats_only.test_digits(), split.test_digits())  # the digits recovered exactly
+    assert len(stored) < 0.3 * len(data.tensors_to_bytes(floats_only.as_dict()))
+
+
 def _npz(**arrays) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
