@@ -23,7 +23,7 @@ ROBUSTNESS_NOISE_SIGMA = 0.3  # on [0, 1] pixels: digits stay legible to a perso
 ROBUSTNESS_DEGREES = 15.0
 ROBUSTNESS_SHIFT_PX = 3
 #: Test images each perturbation is scored on (`robustness_indices`): 2,000 put a 97% accuracy within
-#: +-0.8 point (95% Wilson interval), and keep evaluation's one pass at 10k clean + 14 x 2k perturbed.
+#: +-0.8 point (95% Wilson interval), and keep evaluation's one pass at 10k clean + 11 x 2k perturbed.
 ROBUSTNESS_IMAGES = 2000
 
 
