@@ -81,8 +81,9 @@ def train_candidate(
     settings = candidate(name, **plan["overrides"])
     tags = {STARTED_BY_TAG: context.run_id, "mlflow.parentRunId": plan["parent_run_id"], "candidate": name}
     record = train_and_record(context.log, processed, settings, compute, mlflow, f"{name}-{context.run_id[:8]}", tags)
-    scores = _test_scores(record, processed, compute.resolve_device())
-    milliseconds = _onnx_ms_per_image(record.onnx, processed)
+    split = ml.data.NormalisedSplit.from_dict(processed)  # once, for both measurements
+    scores = _test_scores(record, split, compute.resolve_device())
+    milliseconds = _onnx_ms_per_image(record.onnx, split)
     with mlflow.start_run(run_id=record.run_id):
         mlflow.log_metrics({**scores, "onnx_ms_per_image": milliseconds})
     return {
@@ -100,9 +101,8 @@ def train_candidate(
     }
 
 
-def _test_scores(record: TrainingRecord, processed: dict, device: str) -> dict[str, float]:
+def _test_scores(record: TrainingRecord, split: "ml.data.NormalisedSplit", device: str) -> dict[str, float]:
     """Test accuracy, ECE (as served: after the temperature) and the worst robustness condition, in one pass."""
-    split = ml.data.NormalisedSplit.from_dict(processed)
     evaluation, scored = ml.evaluate.score_in_one_pass(
         record.trained.model, split.test_images, split.test_labels, split.mean, split.std, device
     )
@@ -114,10 +114,10 @@ def _test_scores(record: TrainingRecord, processed: dict, device: str) -> dict[s
     }
 
 
-def _onnx_ms_per_image(onnx: bytes, processed: dict, requests: int = 200) -> float:
+def _onnx_ms_per_image(onnx: bytes, split: "ml.data.NormalisedSplit", requests: int = 200) -> float:
     """Median milliseconds of one single-image request to ONNX Runtime, as the endpoint makes them."""
     predictor = Predictor(make_bundle("sweep", onnx))
-    pixels = ml.data.to_unit_float(ml.data.NormalisedSplit.from_dict(processed).test_digits()[:requests]).numpy()
+    pixels = ml.data.to_unit_float(split.test_digits()[:requests]).numpy()
     timings = []
     for image in pixels:
         started = time.perf_counter()
