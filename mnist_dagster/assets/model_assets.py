@@ -122,7 +122,7 @@ def model_evaluation(
         for digit, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1, strict=True))
     ]
     metrics = ml.evaluate.run_metrics(scored, config.metrics)
-    reference = _drift_reference(split, digit_classifier["onnx"])
+    reference = _drift_reference(split, candidate)
     comparison = _compare_with_production(storage, result.predictions.numpy(), scored.pixels().numpy(), labels.numpy())
     run_id = digit_classifier["mlflow_run_id"]
     with mlflow.start_run(run_id=run_id):  # reopened by this Dagster run: if it dies, the orphan sensor closes it
@@ -158,15 +158,14 @@ def model_evaluation(
     )
 
 
-def _drift_reference(split: "ml.data.NormalisedSplit", onnx: bytes) -> bytes:
+def _drift_reference(split: "ml.data.NormalisedSplit", candidate: bundle.Predictor) -> bytes:
     """What `prediction_drift` compares this model's traffic with: held-out test digits as serving sees them
     (28x28 pixels, and rendered as PNG uploads through the upload recipe), scored by the ONNX graph the
     endpoint serves; JSON, saved beside the model when it is deployed (`ml.drift.DriftReference`)."""
     # scipy (seconds to import, through ml.drift) only when an evaluation runs: kept off the code location's load
     from mnist_dagster.lifecycle.reference import build_serving_reference
 
-    predictor = bundle.Predictor(bundle.make_bundle("candidate", onnx))
-    return build_serving_reference(predictor, split.test_digits().numpy()).to_json()
+    return build_serving_reference(candidate, split.test_digits().numpy()).to_json()
 
 
 def _serving_check_images(split: "ml.data.NormalisedSplit", count: int = 1000) -> dict:
