@@ -22,7 +22,7 @@ import pytest
 from mnist_dagster.ml.data import MNIST_FILES
 from mnist_dagster.resources import dev_resources
 from mnist_dagster.resources.mnist_source import MnistSource
-from mnist_dagster_tests.support import REAL_MNIST_DIR, write_mnist_mirror
+from mnist_dagster_tests.support import NO_COMPUTE_LOGS, REAL_MNIST_DIR, write_mnist_mirror
 
 pytest_plugins = [
     "mnist_dagster_tests.s3_server",  # s3_endpoint, prod_env
@@ -81,8 +81,8 @@ def dev_test_resources(dev_env, fake_mirror) -> dict[str, object]:
 
 @pytest.fixture
 def instance():
-    """A throwaway Dagster instance (temporary DAGSTER_HOME)."""
-    with dg.instance_for_test() as test_instance:
+    """A throwaway Dagster instance (temporary DAGSTER_HOME), without compute-log capture."""
+    with dg.instance_for_test(overrides=NO_COMPUTE_LOGS) as test_instance:
         yield test_instance
 
 

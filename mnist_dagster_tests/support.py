@@ -50,6 +50,17 @@ PIPELINE_ASSETS = frozenset(
 #: in FAST_RUN_CONFIG, and the training of the serving tests' models (`serving_support.py`).
 FAST_TRAINING = {"channels": [4, 8], "hidden": 16, "epochs": 2, "batch_size": 64, "max_lr": 0.02}
 
+#: Instance overrides for the tests' own instances: no capture of step stdout/stderr. Dagster's local compute-log
+#: manager mirrors each step's output through a `tail -F` and a watcher process and, when the step ends, stops
+#: each with SIGTERM and waits up to 30 s for it. The DDP killed-worker test took 62-74 s in full suite runs
+#: against 10 s alone; with SIGTERM ignored in the test process (so in the `tail` it starts) it takes 68 s alone,
+#: and `py-spy dump` shows the wait in `compute_logs._clean_up_subprocess`; with these overrides, 12 s. No test
+#: reads compute logs; the `dagster dev` tests keep the repository's real instance settings.
+NO_COMPUTE_LOGS = {
+    "compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+}
+
+
 #: Run config for a fast pipeline on generated data.
 FAST_RUN_CONFIG = {
     "ops": {

@@ -14,7 +14,7 @@ from mnist_dagster.layout import INBOX_PREFIX
 from mnist_dagster.lifecycle import deploy
 from mnist_dagster.scoring.batch import LEDGER_KEY
 from mnist_dagster.storage import LocalStore
-from mnist_dagster_tests.support import generated_digits, pipeline_assets_and_checks
+from mnist_dagster_tests.support import NO_COMPUTE_LOGS, generated_digits, pipeline_assets_and_checks
 
 #: Inbox files of different sizes: (name, images); the bad file is rejected, once.
 INBOX = [("night/a.npz", 900), ("night/b.npz", 500), ("night/c.npz", 300), ("day/d.npz", 200), ("day/e.npz", 7)]
@@ -148,7 +148,7 @@ def _overlap(windows: dict[str, tuple[float, float, int]]) -> bool:
 def test_batch_shards_and_sweep_candidates_run_as_parallel_processes(dev_env, dev_test_resources, store, monkeypatch):
     for key, value in dev_env.items():
         monkeypatch.setenv(key, value)
-    with dg.instance_for_test() as instance:  # a persistent instance: steps in their own processes
+    with dg.instance_for_test(overrides=NO_COMPUTE_LOGS) as instance:  # persistent: steps in their own processes
         run_config = {"ops": {"plan_batch_shards": {"config": {"shards": 2}}}}
         with dg.execute_job(dg.reconstructable(_batch_job), instance, run_config=run_config) as batch:
             assert batch.success
