@@ -1,10 +1,13 @@
-"""End to end on the real MNIST files, served by a mirror on 127.0.0.1, with the default config."""
+"""The real MNIST files, served by a mirror on 127.0.0.1: what the download step makes of them.
+
+The default pipeline on the real 60k digits (a model of at least 99%, deployed, its MLflow run finished) is
+checked where a person runs it, in `test_ui_e2e.py`'s "Materialize all": the suite trains the default config on
+real data once, not once per test.
+"""
 
 import dagster as dg
-import mlflow
 import pytest
 
-from mnist_dagster.ml.config import TrainingConfig
 from mnist_dagster.resources import dev_resources
 from mnist_dagster_tests.support import pipeline_assets_and_checks, serve_folder
 
@@ -18,31 +21,21 @@ def loopback_mirror(real_mnist_dir):
         yield url
 
 
-def test_default_pipeline_on_real_mnist_deploys_a_99_percent_model(loopback_mirror, tmp_path, instance):
+def test_the_real_files_from_a_mirror_are_verified_parsed_and_keep_their_data_version(loopback_mirror, tmp_path, instance):
     env = {"MNIST_DATA_DIR": str(tmp_path / "data"), "MNIST_MIRRORS": loopback_mirror, "MNIST_DEVICE": "cpu"}
     resources = dev_resources(env)
     assets, checks = pipeline_assets_and_checks()
-    result = dg.materialize([*assets, *checks], resources=resources, instance=instance)
+    data_steps = ["raw_mnist_data", "processed_mnist_data"]
+    result = dg.materialize([*assets, *checks], selection=data_steps, resources=resources, instance=instance)
     assert result.success
 
     raw = result.asset_materializations_for_node("raw_mnist_data")[0].metadata
     assert raw["source"].value == loopback_mirror
     assert raw["train_images"].value == 60_000 and raw["test_images"].value == 10_000
-    assert all(check.passed for check in result.get_asset_check_evaluations())
-
-    trained = result.asset_materializations_for_node("digit_classifier")[0].metadata
-    evaluation = result.asset_materializations_for_node("model_evaluation")[0].metadata
-    deployed = result.asset_materializations_for_node("production_digit_classifier")[0].metadata
-    assert evaluation["test_images"].value == 10_000
-    assert evaluation["test_accuracy"].value >= 0.99  # the README's figure is >= 0.993; keep headroom for noise
-    assert trained["epochs"].value == TrainingConfig().epochs and trained["training_seconds"].value > 0
-    assert deployed["deployed"].value is True
-
-    run = mlflow.MlflowClient(resources["mlflow"].tracking_uri).get_run(trained["mlflow_run_id"].value)
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"].value)
-    artifacts = {item.path for item in mlflow.MlflowClient(resources["mlflow"].tracking_uri).list_artifacts(run.info.run_id)}
-    assert {"training_curve.png", "confusion_matrix.png", "checkpoint.pt"} <= artifacts
+    processed = result.asset_materializations_for_node("processed_mnist_data")[0].metadata
+    assert processed["test_size"].value == 10_000
+    evaluations = result.get_asset_check_evaluations()
+    assert evaluations and all(check.passed for check in evaluations)
 
     # The same files again are the same data: Dagster's data version does not move.
     first_version = _data_version(instance, "raw_mnist_data")

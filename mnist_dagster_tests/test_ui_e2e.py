@@ -5,6 +5,11 @@ an HTTP mirror on 127.0.0.1, the default training config, and headless Chromium 
 a person clicks. The GraphQL API (what the UI itself reads) is the ground truth for run and asset
 state; the browser checks that the UI shows it. About 2 minutes on a quiet 2-core machine.
 
+It is also the suite's one training of the default config on the real 60k digits, so it checks what that
+run must give (the README's promise): a model of at least 99% on the 10k test set, deployed, every asset
+check passed, and its MLflow run finished with its artifacts, read from the instance and the MLflow store
+`dagster dev` wrote.
+
 On failure the test leaves a screenshot, the run's event log and the `dagster dev` log in its
 temporary folder and names them in the failure message.
 
@@ -22,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
+import mlflow
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
@@ -206,6 +213,40 @@ def wait_for_success(dev: DagsterDev, run_id: str) -> float:
     return time.monotonic() - started
 
 
+def check_the_run_deployed_a_99_percent_model(env: dict[str, str], run_id: str) -> None:
+    """What the real 60k digits and the default config give, from the instance and the MLflow store `dagster
+    dev` wrote: the mirror's 60k/10k digits, every asset check passed, >= 99% on the 10k test set, deployed,
+    and the MLflow run finished with that accuracy and its artifacts."""
+    from mnist_dagster.ml.config import TrainingConfig
+
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+
+        def metadata(asset: str) -> dict:
+            event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+            assert event is not None and event.run_id == run_id, f"{asset} was not materialized by run {run_id}"
+            return {key: value.value for key, value in event.asset_materialization.metadata.items()}
+
+        checks = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        failed = [e.dagster_event.asset_check_evaluation_data.check_name for e in checks
+                  if not e.dagster_event.asset_check_evaluation_data.passed]  # fmt: skip
+        assert checks and not failed, f"asset checks failed: {failed}"
+        raw, trained = metadata("raw_mnist_data"), metadata("digit_classifier")
+        evaluation, deployed = metadata("model_evaluation"), metadata("production_digit_classifier")
+    assert raw["source"] == env["MNIST_MIRRORS"]
+    assert raw["train_images"] == 60_000 and raw["test_images"] == 10_000
+    assert evaluation["test_images"] == 10_000
+    assert evaluation["test_accuracy"] >= 0.99  # the README's figure is >= 0.993; keep headroom for noise
+    assert trained["epochs"] == TrainingConfig().epochs and trained["training_seconds"] > 0
+    assert deployed["deployed"] is True, deployed.get("reason")
+
+    client = mlflow.MlflowClient(f"sqlite:///{Path(env['MNIST_DATA_DIR']) / 'mlflow.db'}")
+    run = client.get_run(trained["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"training_curve.png", "confusion_matrix.png", "checkpoint.pt"} <= artifacts
+
+
 def check_automation_running(page: Page, url: str, dev: DagsterDev, declared: Declared) -> None:
     """The Automation page shows each schedule and sensor switched as declared, with nobody having touched it."""
     page.goto(f"{url}/automation")
@@ -293,8 +334,8 @@ def keep_screenshots(shots: dict[str, bytes], tmp_path: Path) -> None:
 
 
 def test_materialize_all_in_the_ui_turns_every_asset_green(dagster_dev, dev_env, page, tmp_path):
-    """Schedules and sensors on untouched; one click; every asset materialized and shown so; images render;
-    `dagster dev` stops leaving nothing behind."""
+    """Schedules and sensors on untouched; one click; every asset materialized and shown so, the model at 99%
+    and deployed; images render; `dagster dev` stops leaving nothing behind."""
     dev, url = dagster_dev, dagster_dev.url
     declared = declared_definitions(dev_env)
     assert "nightly_batch_predictions" in declared.schedules and "automation_sensor" in declared.sensors
@@ -309,6 +350,7 @@ def test_materialize_all_in_the_ui_turns_every_asset_green(dagster_dev, dev_env,
         check_graph_shows(page, declared.assets, "Never materialized")
         evidence.run_id = click_materialize_all(page, dev)
         run_seconds = wait_for_success(dev, evidence.run_id)
+        check_the_run_deployed_a_99_percent_model(dev_env, evidence.run_id)
 
         latest = dev.api.latest_materialization_runs()
         expected = dict.fromkeys(declared.assets, evidence.run_id) | dict.fromkeys(declared.reported)  # no sweep ran
