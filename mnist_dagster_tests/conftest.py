@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first: the modules holding a real-data `slow` test (the UI's "Materialize all", the real-MNIST
     pipeline), then the other modules with a `slow` test, then the rest, each group in the random order.
 
-    xdist hands whole modules (`--dist loadfile`) to the two workers in this order (`--no-loadscope-reorder`
+    xdist hands whole modules (`--dist loadfile`) to the workers in this order (`--no-loadscope-reorder`
     keeps it), so the long single tests start at once instead of being left for the end of the run, where
     one core would wait on them alone.
     """
