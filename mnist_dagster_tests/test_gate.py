@@ -51,6 +51,7 @@ def with_production(dev_test_resources, instance) -> str:
     )["model_version"]
 
 
+@pytest.mark.slow  # two pipelines, 5 s or more on two cores (9-28 s in full runs): left out of the edit loop
 def test_a_significantly_worse_candidate_is_refused_with_its_p_value(
     dev_test_resources, dev_env, instance, with_production
 ):

@@ -123,6 +123,7 @@ def engine_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     return [entry.message for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)]
 
 
+@pytest.mark.slow  # a killed training subprocess, 5 s or more on two cores (15-16 s in full runs): left out of the edit loop
 def test_a_killed_training_run_is_marked_killed_and_the_dagster_run_says_so(instance, tracking):
     dagster_run_id = str(uuid.uuid4())
     killed = start_and_kill_training(tracking, dagster_run_id)
