@@ -122,20 +122,29 @@ def real_model(mnist_dir: Path, version: str = "1") -> Bundle:
 
 @contextmanager
 def running_server(store_dir: Path, *extra_args: str, poll_seconds: float = 0.2) -> Iterator[str]:
-    """`mnist-dagster serve` as a real process on 127.0.0.1; yields its base URL, stops it gracefully."""
-    port = free_port()
-    command = [
-        sys.executable, "-m", "mnist_dagster.serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--store", str(store_dir), "--poll-seconds", str(poll_seconds), *extra_args,
-    ]  # fmt: skip
-    log_path = store_dir.parent / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+    """`mnist-dagster serve` as a real process on 127.0.0.1; yields its base URL, stops it gracefully.
+
+    The free port is chosen before the server binds it, so a process of another xdist worker can take it in
+    between (seen once in CI: `[Errno 98] ... address already in use`); then it starts again on another port."""
+    for attempt in range(3):
+        port = free_port()
+        command = [
+            sys.executable, "-m", "mnist_dagster.serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--store", str(store_dir), "--poll-seconds", str(poll_seconds), *extra_args,
+        ]  # fmt: skip
+        log_path = store_dir.parent / f"server-{port}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+        try:
+            _wait_until_listening(f"http://127.0.0.1:{port}", process, log_path)
+            break
+        except RuntimeError as error:
+            if "address already in use" not in str(error) or attempt == 2:
+                raise
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_listening(url, process, log_path)
         yield url
     finally:
         process.send_signal(signal.SIGINT)  # uvicorn shuts down gracefully: lifespan ends, the log flushes
